@@ -1,0 +1,87 @@
+"""Default hyper-parameters: CA-PF with HRNet-W32 on Human3.6M (the paper's setting).
+
+The official values (`ContextPose/experiments/human36m/human36m.yaml`,
+`ContextPose/train.py`): AdamW with torch defaults and weight decay 0.1 on
+every lifter parameter, lr 6.4e-4 x 0.99 after every epoch, global batch 512,
+frozen COCO backbone in inference mode, flip augmentation (p = 0.5, decided once
+per batch), flip test, best checkpoint by validation MPJPE.
+
+Every field can be overridden on the command line, e.g.
+`--config.batch_size=256 --config.data.data_dir=/data/tfds`.
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  # Global batch size over all devices and hosts; `config.data.batch_size`
+  # follows it (an ml_collections reference), so either override works.
+  config.batch_size = 512
+  config.seed = 42
+
+  # --- model: `contextpose_jax.models.capf.build_model(config.model)` ---
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = 'hrnet_32'  # 'hrnet_32' | 'hrnet_48' | 'cpn'
+  config.model.backbone_kwargs = ml_collections.ConfigDict()
+  config.model.backbone_dtype = 'float32'  # or 'bfloat16' for the frozen backbone
+  config.model.dataset = 'h36m'  # joint conventions: 'h36m' | '3dhp'
+  config.model.embed_dim = 128
+  config.model.depth = 4
+  config.model.deformable = True
+  config.model.num_heads = 8
+  config.model.mlp_ratio = 2.0
+  config.model.drop_rate = 0.0
+  config.model.attn_drop_rate = 0.0
+  config.model.drop_path_rate = 0.2
+  config.model.train_backbone = False  # official: frozen, BatchNorm in eval mode
+  config.model.use_context = True  # False: the context-free baseline lifter
+
+  # Pretrained backbone: a converter output directory (weights_conversion)
+  # whose params/batch_stats hold a 'backbone' entry (e.g. COCO HRNet-W32).
+  # Required for real training unless `model.train_backbone` is True.
+  config.backbone_init = ''
+
+  # --- data: `contextpose_jax.data.pipeline` ---
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'human36m'  # TFDS name
+  config.data.data_dir = ''  # '' = TFDS default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.batch_size = config.get_ref('batch_size')
+  config.data.eval_batch_size = 512  # global; any size (the last batch is padded)
+  config.data.flip_augmentation = True  # H36M: p = 0.5; 3DHP trains without
+  config.data.flip_per_example = False  # official: one coin per batch
+  config.data.num_workers = 8
+  config.data.shuffle_seed = 0
+  config.data.build_if_missing = False  # only the synthetic set is built on use
+
+  # --- optimizer (torch AdamW defaults) and schedule ---
+  config.learning_rate = 6.4e-4  # 3.2e-4 for CPN
+  config.lr_decay = 0.99  # multiplied after every epoch
+  config.weight_decay = 0.1
+  config.b1 = 0.9
+  config.b2 = 0.999
+  config.eps = 1e-8
+  config.grad_clip_norm = 0.0  # 0 = off (the official default)
+  config.num_epochs = 100  # the official loop runs until stopped (n_epochs 9999)
+  config.steps_per_epoch = -1  # -1: train examples // global batch
+
+  # --- evaluation ---
+  config.flip_test = True
+  config.eval_every_epochs = 1
+  config.eval_only = False
+  # Eval-only / warm start: a converter output directory or a training workdir.
+  config.init_from = ''
+  config.save_predictions = True  # WORKDIR/predictions.npz
+
+  # --- bookkeeping ---
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.max_checkpoints_to_keep = 2
+
+  return config
+
+
+def metrics():
+  return ['train/loss', 'eval/mpjpe', 'eval/p_mpjpe']

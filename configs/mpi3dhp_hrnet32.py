@@ -1,0 +1,24 @@
+"""CA-PF, HRNet-W32 on MPI-INF-3DHP (ContextPose_mpi, after P-STMO).
+
+Official: ground-truth 2D input, no deformable blocks, C = 64, AdamW lr 7e-4
+x 0.97 per epoch, batch 160, no flip augmentation in training, flip test on;
+metrics on the valid frames of TS1-TS6.
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.dataset = '3dhp'
+  config.model.embed_dim = 64
+  config.model.deformable = False
+  config.data.name = 'mpi_inf_3dhp'
+  config.data.eval_split = 'test'
+  config.data.flip_augmentation = False
+  config.batch_size = 160
+  config.data.eval_batch_size = 160
+  config.learning_rate = 7e-4
+  config.lr_decay = 0.97
+  # run_3dhp.py: `--nepoch 80` default, loop `range(1, nepoch)` = 79 epochs.
+  config.num_epochs = 79
+  return config

@@ -1,0 +1,1 @@
+"""contextpose-jax: Context-Aware PoseFormer (CA-PF) in JAX/Flax."""

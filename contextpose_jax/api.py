@@ -1,0 +1,97 @@
+"""Stable Python entry point: load a converted checkpoint, get features and 3D poses.
+
+```python
+from contextpose_jax.api import Predictor
+p = Predictor.load(DIR)            # a directory written by weights_conversion.convert
+feats = p.features(images)         # list of 4 NHWC np.ndarrays
+pose = p.predict(images, keypoints_2d, keypoints_2d_crop)   # (B, 1, 17, 3)
+```
+``images`` are float32 (B, 256, 192, 3), already normalized for the backbone
+(``contextpose_jax.data.transforms.normalize_image``); ``keypoints_2d`` are in
+normalized screen coordinates and ``keypoints_2d_crop`` in crop pixels, as the
+official forward takes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contextpose_jax import skeleton
+from contextpose_jax.models import capf
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A CA-PF model (or a bare backbone) with its variables, ready to run."""
+  model: capf.CAPF
+  variables: Any
+  model_config: Any
+
+  @classmethod
+  def load(cls, directory: str) -> "Predictor":
+    variables, model_config = capf.load_variables(directory)
+    return cls(capf.build_model(model_config), variables, model_config)
+
+  @property
+  def has_lifter(self) -> bool:
+    return "lifter" in self.variables["params"]
+
+  @property
+  def dataset(self) -> str:
+    return self.model_config.get("dataset", "h36m")
+
+  @functools.cached_property
+  def _features_fn(self):
+    return jax.jit(lambda v, x: self.model.apply(v, x, method=capf.CAPF.features))
+
+  @functools.cached_property
+  def _predict_fn(self):
+    return jax.jit(lambda v, x, k, c: self.model.apply(v, x, k, c))
+
+  def features(self, images) -> list[np.ndarray]:
+    """The four NHWC backbone maps the lifter samples."""
+    if "backbone" not in self.variables["params"]:
+      raise ValueError("this checkpoint has no backbone (context-free model)")
+    variables = {k: {"backbone": v["backbone"]} for k, v in self.variables.items()
+                 if "backbone" in v}
+    maps = self._features_fn(variables, jnp.asarray(images, jnp.float32))
+    return [np.asarray(m) for m in maps]
+
+  def predict(self, images, keypoints_2d, keypoints_2d_crop, *,
+              flip_test: bool = False) -> np.ndarray:
+    """Root-relative 3D poses (B, 1, 17, 3) in metres.
+
+    ``flip_test`` averages the prediction with the un-flipped prediction on
+    the mirrored input (image mirrored, 2D keypoints flipped and left/right
+    swapped), as the official evaluation does.
+    """
+    if not self.has_lifter:
+      raise ValueError("this checkpoint holds only a backbone (converted from a COCO "
+                       "file): convert a CA-PF checkpoint (--kind=capf) to predict 3D poses")
+    images = np.asarray(images, np.float32)
+    kp2d = np.asarray(keypoints_2d, np.float32)
+    crop = np.asarray(keypoints_2d_crop, np.float32)
+    _check_inputs(images, kp2d, crop)
+    pose = np.asarray(self._predict_fn(self.variables, images, kp2d, crop))
+    if not flip_test:
+      return pose
+    flipped = np.asarray(self._predict_fn(
+        self.variables, np.ascontiguousarray(skeleton.flip_images(images)),
+        skeleton.flip_keypoints_2d(kp2d, self.dataset),
+        skeleton.flip_keypoints_crop(crop, self.dataset)))
+    return (pose + skeleton.flip_pose_3d(flipped, self.dataset)) / 2
+
+
+def _check_inputs(images, kp2d, crop):
+  if images.ndim != 4 or images.shape[1:] != (skeleton.CROP_HEIGHT, skeleton.CROP_WIDTH, 3):
+    raise ValueError(f"images: expected (B, {skeleton.CROP_HEIGHT}, {skeleton.CROP_WIDTH}, 3), "
+                     f"got {images.shape}")
+  for name, kp in (("keypoints_2d", kp2d), ("keypoints_2d_crop", crop)):
+    if kp.shape != (images.shape[0], skeleton.NUM_JOINTS, 2):
+      raise ValueError(f"{name}: expected ({images.shape[0]}, {skeleton.NUM_JOINTS}, 2), "
+                       f"got {kp.shape}")

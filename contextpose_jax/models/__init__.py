@@ -1,0 +1,1 @@
+"""Flax modules of CA-PF: backbones, context sampler, lifter, full model."""

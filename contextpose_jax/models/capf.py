@@ -1,0 +1,224 @@
+"""The full CA-PF model: a frozen 2D-pose backbone + the context-aware lifter.
+
+Also the one place where model variables are saved to / loaded from a
+directory (the converter's output and the eval-only input): an orbax
+checkpoint under ``variables/`` and the model config as ``model_config.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from contextpose_jax import skeleton
+from contextpose_jax.models.lifter import Lifter
+
+BACKBONES = ("hrnet_32", "hrnet_48", "cpn")
+MODEL_CONFIG_FILE = "model_config.json"
+VARIABLES_DIR = "variables"
+
+
+class CAPF(nn.Module):
+  """Images + 2D pose -> root-relative 3D pose (B, 1, 17, 3), metres.
+
+  Inputs follow the official forward: ``images`` (B, 256, 192, 3) normalized
+  for the backbone, ``keypoints_2d`` (B, 17, 2) in normalized screen
+  coordinates, ``keypoints_2d_crop`` (B, 17, 2) in crop pixels.
+  """
+  backbone: nn.Module | None
+  lifter: Lifter
+  train_backbone: bool = False
+
+  def features(self, images, train: bool = False):
+    """The four backbone maps (NHWC, at least float32) handed to the lifter."""
+    maps = self.backbone(images, train=train and self.train_backbone)
+    maps = [_at_least_f32(m) for m in maps]
+    if not self.train_backbone:
+      maps = [jax.lax.stop_gradient(m) for m in maps]
+    return maps
+
+  def __call__(self, images, keypoints_2d, keypoints_2d_crop, train: bool = False):
+    # Crop pixels -> sampling coordinates: x / 96 - 1, y / 128 - 1 (the official
+    # model divides by half the crop size, not by (size - 1) / 2).
+    ref = _at_least_f32(keypoints_2d_crop)
+    ref = ref / jnp.asarray([skeleton.CROP_WIDTH // 2, skeleton.CROP_HEIGHT // 2], ref.dtype) - 1
+    maps = self.features(images, train) if self.lifter.use_context else []
+    return self.lifter(_at_least_f32(keypoints_2d), ref, maps, train=train)
+
+
+def _at_least_f32(x):
+  # The lifter runs in float32 (float64 when a test asks for it), whatever
+  # the backbone's compute dtype.
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def default_model_config(backbone: str = "hrnet_32",
+                         dataset: str = "h36m") -> ml_collections.ConfigDict:
+  """The official architecture for a (backbone, dataset) pair."""
+  if backbone not in BACKBONES:
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+  if dataset not in ("h36m", "3dhp"):
+    raise ValueError(f"dataset must be 'h36m' or '3dhp', got {dataset!r}")
+  if dataset == "3dhp" and backbone == "cpn":
+    raise ValueError("the official MPI-INF-3DHP models use HRNet backbones only")
+  c = ml_collections.ConfigDict()
+  c.backbone = backbone
+  c.backbone_kwargs = ml_collections.ConfigDict()
+  c.backbone_dtype = "float32"
+  c.dataset = dataset
+  # 3DHP (ContextPose_mpi): no deformable blocks, C = 64 for W32 and 96 for W48.
+  c.embed_dim = 128 if dataset == "h36m" else {"hrnet_32": 64, "hrnet_48": 96}[backbone]
+  c.depth = 4
+  c.deformable = dataset == "h36m"
+  c.num_heads = 8
+  c.mlp_ratio = 2.0
+  c.drop_rate = 0.0
+  c.attn_drop_rate = 0.0
+  c.drop_path_rate = 0.2
+  c.train_backbone = False
+  c.use_context = True
+  return c
+
+
+def build_backbone(backbone: str, backbone_kwargs: Mapping[str, Any] | None = None,
+                   dtype: str = "float32") -> nn.Module:
+  kwargs = dict(backbone_kwargs or {})
+  kwargs["dtype"] = jnp.dtype(dtype)
+  if backbone in ("hrnet_32", "hrnet_48"):
+    from contextpose_jax.models.hrnet import HRNet  # pylint: disable=g-import-not-at-top
+    kwargs.setdefault("width", int(backbone.split("_")[1]))
+    return HRNet(**kwargs)
+  if backbone == "cpn":
+    from contextpose_jax.models.cpn import CPN  # pylint: disable=g-import-not-at-top
+    return CPN(**kwargs)
+  raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+
+
+def build_model(model_config: Mapping[str, Any]) -> CAPF:
+  """CAPF from a model config (see ``default_model_config``)."""
+  cfg = dict(model_config)
+  kwargs = cfg.get("backbone_kwargs") or {}
+  if hasattr(kwargs, "to_dict"):
+    kwargs = kwargs.to_dict()
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  use_context = cfg.get("use_context", True)
+  backbone = (build_backbone(cfg["backbone"], kwargs, cfg.get("backbone_dtype", "float32"))
+              if use_context else None)
+  lifter = Lifter(
+      embed_dim=cfg.get("embed_dim", 128), depth=cfg.get("depth", 4),
+      num_heads=cfg.get("num_heads", 8), mlp_ratio=cfg.get("mlp_ratio", 2.0),
+      drop_rate=cfg.get("drop_rate", 0.0), attn_drop_rate=cfg.get("attn_drop_rate", 0.0),
+      drop_path_rate=cfg.get("drop_path_rate", 0.2),
+      deformable=cfg.get("deformable", True), use_context=use_context)
+  return CAPF(backbone=backbone, lifter=lifter,
+              train_backbone=cfg.get("train_backbone", False))
+
+
+def dummy_inputs(batch_size: int = 1):
+  """Zero inputs of the official shapes (for init / eval_shape)."""
+  return (jnp.zeros((batch_size, skeleton.CROP_HEIGHT, skeleton.CROP_WIDTH, 3), jnp.float32),
+          jnp.zeros((batch_size, skeleton.NUM_JOINTS, 2), jnp.float32),
+          jnp.zeros((batch_size, skeleton.NUM_JOINTS, 2), jnp.float32))
+
+
+def variable_shapes(model: CAPF):
+  """The variables tree of ``model`` as ShapeDtypeStructs (no compute)."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs()))
+
+
+def _config_to_json(model_config) -> dict:
+  if hasattr(model_config, "to_dict"):
+    model_config = model_config.to_dict()
+  return json.loads(json.dumps(dict(model_config)))
+
+
+def save_variables(directory: str, variables, model_config, *,
+                   extra: Mapping[str, Any] | None = None) -> None:
+  """Writes ``variables`` + ``model_config`` to ``directory`` atomically.
+
+  The directory is assembled next to its final place and renamed into it, so
+  a failure never leaves a partial output behind. An existing directory is
+  refused.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise FileExistsError(f"{directory}: already exists; choose a new output directory")
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+  try:
+    tree = jax.tree_util.tree_map(np.asarray, dict(variables))
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.join(staging, VARIABLES_DIR), tree)
+    record = {"model_config": _config_to_json(model_config)}
+    record.update(extra or {})
+    with open(os.path.join(staging, MODEL_CONFIG_FILE), "w") as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+    os.rename(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def load_model_config(directory: str) -> ml_collections.ConfigDict:
+  path = os.path.join(directory, MODEL_CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: not found; {directory} is not a converted "
+                            "checkpoint directory (see weights_conversion/convert.py)")
+  with open(path) as f:
+    record = json.load(f)
+  if "model_config" not in record:
+    raise ValueError(f"{path}: no 'model_config' entry")
+  return ml_collections.ConfigDict(record["model_config"])
+
+
+def load_variables(directory: str):
+  """Returns ``(variables, model_config)`` from a directory ``save_variables`` wrote."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  model_config = load_model_config(directory)
+  with ocp.StandardCheckpointer() as checkpointer:
+    variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
+  return variables, model_config
+
+
+# Official attribute names of the two halves of the torch model ``CA_PF``.
+TORCH_BACKBONE_PREFIX = "backbone."
+TORCH_LIFTER_PREFIX = "volume_net."
+
+
+def backbone_family(backbone: str):
+  """The module (hrnet or cpn) that owns a backbone's definition and keys."""
+  if backbone in ("hrnet_32", "hrnet_48"):
+    from contextpose_jax.models import hrnet  # pylint: disable=g-import-not-at-top
+    return hrnet
+  from contextpose_jax.models import cpn  # pylint: disable=g-import-not-at-top
+  return cpn
+
+
+def load_torch_state_dict(state_dict: Mapping[str, Any], model: CAPF,
+                          model_config: Mapping[str, Any], source: str = "FILE"):
+  """Official CA-PF state dict (``module.`` prefix already stripped) -> variables.
+
+  ``volume_net.*`` becomes the Flax ``lifter``; ``backbone.*`` keys follow the
+  backbone family's rules, including the keys it knows to be unused.
+  """
+  from contextpose_jax.models import torch_import  # pylint: disable=g-import-not-at-top
+  def rename(key):
+    if key.startswith(TORCH_LIFTER_PREFIX):
+      return "lifter." + key[len(TORCH_LIFTER_PREFIX):]
+    return key
+  family = backbone_family(model_config["backbone"])
+  ignore = [r"^backbone\." + pattern.lstrip("^") for pattern in family.TORCH_IGNORED_KEYS]
+  return torch_import.convert_state_dict(
+      torch_import.to_numpy(state_dict), variable_shapes(model), ignore=ignore,
+      rename=rename, source=source)

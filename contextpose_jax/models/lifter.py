@@ -1,0 +1,257 @@
+"""The CA-PF lifter (the official ``PoseTransformer``, ``volume_net``).
+
+Tokens (B, 5, 17, C): level 0 embeds the 2D keypoints, levels 1-4 embed the
+backbone features sampled at the keypoints (the reference points). Then:
+deformable context blocks (each level samples its own map around the
+reference points at learned offsets), per-joint blocks (attention across the
+5 levels of one joint), across-joint blocks (attention across the 17 joints
+on the concatenated levels) and a head to 3D.
+
+Submodule names follow the official state-dict keys (see torch_import.py).
+Quirks kept from the official code so released checkpoints work:
+- LayerNorm eps is 1e-6 in the transformer blocks but torch's default 1e-5 in
+  the deformable blocks and in the head.
+- Layers use torch's default ``nn.Linear`` init (the official model applies no
+  custom init) except the deformable offsets / attention-weight layers.
+- Drop path is per example of the tensor the block sees, i.e. per (batch,
+  joint) row in the per-joint blocks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from contextpose_jax.models.sampler import grid_sample
+
+TRANSFORMER_LN_EPS = 1e-6
+TORCH_LN_EPS = 1e-5
+
+
+def _torch_uniform(fan_in: int):
+  """torch nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class Linear(nn.Module):
+  """``nn.Dense`` with torch's default initialisation."""
+  features: int
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer | None = None
+  bias_init: nn.initializers.Initializer | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init or _torch_uniform(fan_in),
+                        (fan_in, self.features))
+    y = jnp.dot(x, kernel.astype(x.dtype), precision=jax.lax.Precision.HIGHEST)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init or _torch_uniform(fan_in),
+                        (self.features,))
+      y = y + bias.astype(x.dtype)
+    return y
+
+
+def LayerNorm(epsilon: float, name: str):  # pylint: disable=invalid-name
+  # Two-pass variance, as torch computes it.
+  return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example (axis 0)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  drop: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    dim = x.shape[-1]
+    x = Linear(self.hidden, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # torch nn.GELU is the erf form
+    x = nn.Dropout(self.drop)(x, deterministic=deterministic)
+    x = Linear(dim, name="fc2")(x)
+    return nn.Dropout(self.drop)(x, deterministic=deterministic)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  qkv_bias: bool = True
+  attn_drop: float = 0.0
+  proj_drop: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    b, n, c = x.shape
+    head_dim = c // self.num_heads
+    qkv = Linear(3 * c, use_bias=self.qkv_bias, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = jnp.einsum("bhqd,bhkd->bhqk", q, k,
+                      precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
+    attn = jax.nn.softmax(attn, axis=-1)
+    attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
+    x = jnp.einsum("bhqk,bhkd->bqhd", attn, v,
+                   precision=jax.lax.Precision.HIGHEST).reshape(b, n, c)
+    x = Linear(c, name="proj")(x)
+    return nn.Dropout(self.proj_drop)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (per-joint and across-joint blocks)."""
+  num_heads: int
+  mlp_ratio: float = 2.0
+  qkv_bias: bool = True
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  drop_path: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    dim = x.shape[-1]
+    drop_path = DropPath(self.drop_path)
+    y = LayerNorm(epsilon=TRANSFORMER_LN_EPS, name="norm1")(x)
+    y = Attention(self.num_heads, self.qkv_bias, self.attn_drop, self.drop,
+                  name="attn")(y, deterministic)
+    x = x + drop_path(y, deterministic)
+    y = LayerNorm(epsilon=TRANSFORMER_LN_EPS, name="norm2")(x)
+    y = Mlp(int(dim * self.mlp_ratio), self.drop, name="mlp")(y, deterministic)
+    return x + drop_path(y, deterministic)
+
+
+def _offset_bias_init(num_heads: int, num_samples: int):
+  """Official offsets init: head h points along angle 2*pi*h/H, scaled so the
+  larger of |cos|, |sin| is 0.01, times (sample index + 1)."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    theta = np.arange(num_heads, dtype=np.float32) * (2.0 * math.pi / num_heads)
+    grid = np.stack([np.cos(theta), np.sin(theta)], -1)
+    grid = 0.01 * grid / np.abs(grid).max(-1, keepdims=True)
+    grid = grid[:, None, :] * np.arange(1, num_samples + 1, dtype=np.float32)[None, :, None]
+    assert grid.size == int(np.prod(shape))
+    return jnp.asarray(grid.reshape(shape), dtype)
+  return init
+
+
+class DeformableBlock(nn.Module):
+  """Deformable context block: each feature level attends to ``num_heads x
+  num_samples`` points sampled around the reference points."""
+  num_heads: int = 4
+  num_samples: int = 4
+  mlp_ratio: float = 2.0
+  drop_path: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, ref, features: Sequence[jax.Array], deterministic: bool):
+    # x: (B, 1 + L, P, C); ref: (B, P, 2) normalized; features: L maps.
+    x_0, x = x[:, :1], x[:, 1:]
+    b, l, p, c = x.shape
+    heads, samples = self.num_heads, self.num_samples
+    head_dim = c // heads
+    residual = x
+    x = LayerNorm(epsilon=TORCH_LN_EPS, name="norm1")(x + x_0)
+
+    weights = Linear(heads * samples, kernel_init=nn.initializers.zeros,
+                     bias_init=nn.initializers.zeros, name="attention_weights")(x)
+    weights = jax.nn.softmax(weights.reshape(b, l, p, heads, samples), axis=-1)
+    offsets = Linear(2 * heads * samples, kernel_init=nn.initializers.zeros,
+                     bias_init=_offset_bias_init(heads, samples),
+                     name="sampling_offsets")(x)
+    offsets = jnp.tanh(offsets.reshape(b, l, p, heads * samples, 2))
+    positions = offsets + ref[:, None, :, None, :]  # (B, L, P, H*S, 2)
+
+    sampled = []
+    for level, feature_map in enumerate(features):
+      # One gather for all joints, heads and samples of this level.
+      values = grid_sample(feature_map, positions[:, level], padding_mode="border")
+      sampled.append(Linear(head_dim, name=f"embed_proj_{level}")(values))
+    sampled = jnp.stack(sampled, axis=1).reshape(b, l, p, heads, samples, head_dim)
+    context = jnp.einsum("blphs,blphsd->blphd", weights, sampled,
+                         precision=jax.lax.Precision.HIGHEST).reshape(b, l, p, c)
+
+    drop_path = DropPath(self.drop_path)
+    x = residual + drop_path(context, deterministic)
+    y = LayerNorm(epsilon=TORCH_LN_EPS, name="norm2")(x)
+    x = x + drop_path(Mlp(int(c * self.mlp_ratio), 0.0, name="mlp")(y, deterministic),
+                      deterministic)
+    return jnp.concatenate([x_0, x], axis=1)
+
+
+class Lifter(nn.Module):
+  """2D keypoints + sampled context -> root-relative 3D pose (B, 1, P, 3).
+
+  ``use_context=False`` is the context-free baseline: only the keypoint
+  tokens (one level), no feature tokens and no deformable blocks.
+  """
+  embed_dim: int = 128
+  depth: int = 4
+  num_heads: int = 8
+  mlp_ratio: float = 2.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.2
+  deformable: bool = True
+  use_context: bool = True
+  deformable_heads: int = 4
+  deformable_samples: int = 4
+
+  @nn.compact
+  def __call__(self, keypoints_2d, ref, features: Sequence[jax.Array],
+               train: bool = False):
+    deterministic = not train
+    b, p, _ = keypoints_2d.shape
+    c = self.embed_dim
+    tokens = [Linear(c, name="coord_embed")(keypoints_2d)]
+    if self.use_context:
+      for level, feature_map in enumerate(features):
+        ref_features = grid_sample(feature_map, ref, padding_mode="zeros")
+        tokens.append(Linear(c, name=f"feat_embed_{level}")(ref_features))
+    x = jnp.stack(tokens, axis=1)  # (B, levels, P, C)
+    levels = x.shape[1]
+    pos_embed = self.param("Spatial_pos_embed", nn.initializers.zeros,
+                           (1, levels, p, c))
+    x = nn.Dropout(self.drop_rate)(x + pos_embed, deterministic=deterministic)
+
+    # Stochastic depth grows linearly with the block index (same in all 3 stacks).
+    drop_path = np.linspace(0.0, self.drop_path_rate, self.depth)
+    if self.use_context and self.deformable:
+      for i in range(self.depth):
+        x = DeformableBlock(self.deformable_heads, self.deformable_samples,
+                            drop_path=float(drop_path[i]),
+                            name=f"context_blocks_{i}")(x, ref, features, deterministic)
+
+    x = x.transpose(0, 2, 1, 3).reshape(b * p, levels, c)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
+                self.attn_drop_rate, float(drop_path[i]),
+                name=f"res_blocks_{i}")(x, deterministic)
+    x = x.reshape(b, p, levels * c)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
+                self.attn_drop_rate, float(drop_path[i]),
+                name=f"joint_blocks_{i}")(x, deterministic)
+
+    x = LayerNorm(epsilon=TORCH_LN_EPS, name="head_0")(x)
+    x = Linear(3, name="head_1")(x)
+    return x.reshape(b, 1, p, 3)

@@ -1,0 +1,87 @@
+"""Builds a TFDS dataset of this project (replaces `tfds build`, no beam).
+
+  python -m data_prep.build NAME --manual_dir=DIR --data_dir=DIR \
+      [--image_format=jpeg|png]
+
+NAME is one of `human36m`, `mpi_inf_3dhp`, `synthetic_human36m` (the TFDS
+name; read the result with `tfds.data_source(NAME, split=..., data_dir=DIR)`).
+`synthetic_human36m` needs no --manual_dir. Builds run in parallel
+(`--num_workers`), print progress, resume an interrupted run, and register the
+dataset only once every shard is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from data_prep import records
+
+NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      prog='python -m data_prep.build', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('name', choices=NAMES)
+  p.add_argument('--manual_dir', help='the downloaded / prepared files')
+  p.add_argument('--data_dir', required=True, help='TFDS data_dir to write')
+  p.add_argument('--image_format', default='jpeg', choices=('jpeg', 'png'),
+                 help='crops as JPEG (default) or lossless PNG')
+  p.add_argument('--jpeg_quality', type=int, default=95)
+  p.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
+                 help='processes writing shards in parallel')
+  p.add_argument('--examples_per_shard', type=int, default=None)
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace an existing finished build')
+  g = p.add_argument_group('human36m')
+  g.add_argument('--frame_source', default='auto',
+                 choices=('auto', 'jpeg', 'video'),
+                 help='frames from the images/ JPEG tree or the original '
+                 'extracted/S*/Videos/*.mp4 (auto: whichever exists)')
+  g.add_argument('--labels', default='auto', choices=('auto', 'pickle', 'raw'),
+                 help='H36M-Toolbox pickles, or generate them from the raw '
+                 'CDF poses (auto: pickles when present)')
+  g = p.add_argument_group('synthetic_human36m')
+  g.add_argument('--num_train', type=int, default=4096)
+  g.add_argument('--num_validation', type=int, default=1024)
+  g.add_argument('--frames_per_video', type=int, default=64)
+  g.add_argument('--seed', type=int, default=0)
+  return p.parse_args(argv)
+
+
+def run(args) -> str:
+  common = dict(data_dir=args.data_dir, image_format=args.image_format,
+                jpeg_quality=args.jpeg_quality, num_workers=args.num_workers,
+                overwrite=args.overwrite)
+  if args.examples_per_shard:
+    common['examples_per_shard'] = args.examples_per_shard
+  if args.name == 'synthetic_human36m':
+    from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.build(
+        num_train=args.num_train, num_validation=args.num_validation,
+        frames_per_video=args.frames_per_video, seed=args.seed, **common)
+  if not args.manual_dir:
+    raise records.DataError(f'{args.name} needs --manual_dir')
+  if not os.path.isdir(args.manual_dir):
+    raise records.DataError(f'--manual_dir={args.manual_dir} is not a '
+                            'directory')
+  if args.name == 'human36m':
+    from data_prep import human36m  # pylint: disable=g-import-not-at-top
+    return human36m.build(args.manual_dir, frame_source=args.frame_source,
+                          labels=args.labels, **common)
+  from data_prep import mpi_inf_3dhp  # pylint: disable=g-import-not-at-top
+  return mpi_inf_3dhp.build(args.manual_dir, **common)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    run(args)
+  except records.DataError as e:
+    records.fail(str(e))
+
+
+if __name__ == '__main__':
+  main()

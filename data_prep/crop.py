@@ -1,0 +1,91 @@
+"""The official crop: a box from the 3D root, an affine warp to 192x256.
+
+Ported from the behaviour of `H36M-Toolbox/transform.py` and
+`ContextPose/mvn/utils/img.py` (the same code is used for MPI-INF-3DHP).
+Quirks kept on purpose, because every published label and crop depends on them:
+- the box is 2 m wide and 2 m tall around the root (1 m left/right, 0.9 m up,
+  1.1 m down), projected with the pinhole intrinsics only (no distortion);
+- the warp uses ONE scale, `(192 - 1) / (box_width - 1)`, for both axes (the
+  box height is ignored), and maps the box centre to the crop centre
+  `((192 - 1) / 2, (256 - 1) / 2)`;
+- the three point pairs are built in float32 before `cv2.getAffineTransform`,
+  so we build them the same way to get the same matrix bit for bit.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+CROP_SIZE = (192, 256)  # (width, height), as OpenCV wants it.
+
+
+def weak_project(points_3d, fx, fy, cx, cy):
+  """Pinhole projection (no distortion) of (N, 3) camera-frame points."""
+  points_3d = np.asarray(points_3d, dtype=np.float64)
+  xy = points_3d[:, :2] / points_3d[:, 2:3]
+  return xy * np.asarray([fx, fy]) + np.asarray([cx, cy])
+
+
+def infer_box(root_mm, fx, fy, cx, cy):
+  """Box (x0, y0, x1, y1) in pixels around the root joint (millimetres)."""
+  root = np.asarray(root_mm, dtype=np.float64).reshape(3)
+  corners = np.stack([root + [-1000.0, -900.0, 0.0],
+                      root + [1000.0, 1100.0, 0.0]])
+  (x0, y0), (x1, y1) = weak_project(corners, fx, fy, cx, cy)
+  return np.array([x0, y0, x1, y1])
+
+
+def box_to_center_scale(box):
+  """The official (center, scale): scale is the box size in units of 200 px."""
+  x0, y0, x1, y1 = box
+  center = (0.5 * (x0 + x1), 0.5 * (y0 + y1))
+  scale = ((x1 - x0) / 200.0, (y1 - y0) / 200.0)
+  return center, scale
+
+
+def _rotate_90(a, b):
+  """Third point: b plus (a - b) turned by +90 degrees, in float32."""
+  d = (a - b).astype(np.float32)
+  return (b + np.array([-d[1], d[0]], dtype=np.float32)).astype(np.float32)
+
+
+def affine_matrix(center, scale, output_size=CROP_SIZE, inverse=False):
+  """2x3 matrix mapping frame pixels to crop pixels (or back if `inverse`)."""
+  # Keep the caller's dtypes (float64 tuples in the H36M-Toolbox pickles,
+  # float32 elsewhere): the official arithmetic follows them.
+  center = np.asarray(center).reshape(2)
+  box_w = (np.asarray(scale).reshape(2) * 200.0)[0]
+  out_w, out_h = output_size
+  src = np.zeros((3, 2), dtype=np.float32)
+  dst = np.zeros((3, 2), dtype=np.float32)
+  # Point 0: the box centre -> crop centre. Point 1: half a width "up" (in y,
+  # both sides measured with the WIDTH). Point 2: the perpendicular.
+  src[0] = center
+  src[1] = center + np.array([0.0, (box_w - 1) * -0.5], dtype=np.float32)
+  dst[0] = [(out_w - 1) * 0.5, (out_h - 1) * 0.5]
+  dst[1] = dst[0].astype(np.float64) + np.array(
+      [0.0, (out_w - 1) * -0.5], dtype=np.float32)
+  src[2] = _rotate_90(src[0], src[1])
+  dst[2] = _rotate_90(dst[0], dst[1])
+  if inverse:
+    return cv2.getAffineTransform(dst, src)
+  return cv2.getAffineTransform(src, dst)
+
+
+def apply_affine(points, matrix):
+  """(N, 2) points through a 2x3 matrix, in float64 like the official code."""
+  points = np.asarray(points, dtype=np.float64)
+  return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def crop_image(frame, center, scale, output_size=CROP_SIZE):
+  """The official crop: bilinear `cv2.warpAffine`, constant 0 border."""
+  matrix = affine_matrix(center, scale, output_size)
+  return cv2.warpAffine(frame, matrix, tuple(output_size),
+                        flags=cv2.INTER_LINEAR)
+
+
+def normalize_screen_coordinates(points, w, h):
+  """Pixels -> [-1, 1] along x with the aspect ratio kept: `X/w*2 - [1, h/w]`."""
+  points = np.asarray(points)
+  return points / w * 2 - np.asarray([1, h / w])

@@ -1,0 +1,61 @@
+r"""Trains and evaluates Context-Aware PoseFormer (CA-PF).
+
+  python main.py --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
+  python main.py --config=configs/h36m_hrnet32.py --workdir=DIR \
+      --config.backbone_init=weights/hrnet_w32_coco --config.data.data_dir=/data/tfds
+  python main.py --config=configs/h36m_hrnet32.py --workdir=DIR \
+      --config.eval_only=True --config.init_from=CONVERTED_OR_WORKDIR
+
+A run restarted with the same --workdir resumes from its latest checkpoint.
+Multi-host: pass --jax_distributed (cluster auto-detection: TPU, SLURM, ...)
+or --coordinator_address/--num_processes/--process_id explicitly.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+# `configs/*.py` import each other as the `configs` package.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, eval.json.')
+config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'synthetic.py'),
+    'Training configuration file.', lock_config=True)
+flags.DEFINE_bool('jax_distributed', False,
+                  'Call jax.distributed.initialize() with cluster auto-detection.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def _init_distributed():
+  if FLAGS.coordinator_address or FLAGS.jax_distributed:
+    # Cross-process collectives of the CPU backend need an implementation;
+    # harmless on GPU/TPU. (Asking for the backend here would initialise it
+    # too early.)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _init_distributed()
+  # Imported after the distributed init (it must precede any JAX computation).
+  from contextpose_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
