@@ -10,6 +10,7 @@ A run restarted with the same --workdir resumes from its latest checkpoint.
 Multi-host: pass --jax_distributed (cluster auto-detection: TPU, SLURM, ...)
 or --coordinator_address/--num_processes/--process_id explicitly.
 """
+import logging as logging_std
 import os
 import sys
 
@@ -46,9 +47,19 @@ def _init_distributed():
                                process_id=FLAGS.process_id)
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax / TFDS so progress and metrics stay readable."""
+  NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorflow_datasets' + os.sep)
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   _init_distributed()
   # Imported after the distributed init (it must precede any JAX computation).
   from contextpose_jax import train  # pylint: disable=g-import-not-at-top

@@ -41,6 +41,9 @@ def get_config():
   # whose params/batch_stats hold a 'backbone' entry (e.g. COCO HRNet-W32).
   # Required for real training unless `model.train_backbone` is True.
   config.backbone_init = ''
+  # A backbone trained from scratch (train_backbone, no backbone_init): 'he'
+  # re-draws its conv kernels with He init; 'official' keeps normal(0.001).
+  config.backbone_scratch_init = 'he'
 
   # --- data: `contextpose_jax.data.pipeline` ---
   config.data = ml_collections.ConfigDict()

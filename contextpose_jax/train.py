@@ -169,6 +169,25 @@ def init_variables(model, seed: int):
                              *capf.dummy_inputs(1))
 
 
+def he_init_backbone(variables, seed: int):
+  """Re-draws every backbone conv kernel with He (fan-in) init.
+
+  Used for a backbone trained from scratch (`config.backbone_scratch_init`):
+  the official HRNet init (normal, std 0.001) only precedes loading COCO
+  weights; from scratch it makes activations ~1e-3, so the batch variances
+  vanish under BatchNorm's eps and the running averages (starting at 1) need
+  hundreds of steps before inference-mode BatchNorm matches training mode.
+  """
+  init = jax.nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+  params = dict(flax.core.unfreeze(variables['params']))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params['backbone'])
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  new = [init(k, x.shape, x.dtype) if (x.ndim == 4 and path[-1].key == 'kernel') else x
+         for k, (path, x) in zip(keys, leaves)]
+  params['backbone'] = jax.tree_util.tree_unflatten(treedef, new)
+  return {**variables, 'params': params}
+
+
 def create_train_state(config, model, variables, tx) -> TrainState:
   params, frozen = split_params(variables['params'], config.model.train_backbone)
   return TrainState(
@@ -254,7 +273,7 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
       batch_stats=keep(new_stats, state.batch_stats),
       nan_count=state.nan_count + (~ok).astype(jnp.int32))
   metrics = {'loss': loss, 'learning_rate': lr, 'skipped': (~ok).astype(jnp.int32),
-             'grad_norm': optax.global_norm(grads)}
+             'grad_norm': optax.tree.norm(grads)}
   return new_state, metrics
 
 
@@ -275,9 +294,16 @@ def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool):
                  donate_argnums=(0,))
 
 
+_PREDICT_STEPS = {}
+
+
 def make_predict_step(model, mesh, dataset: str, flip_test: bool):
-  step = functools.partial(predict_step, model=model, dataset=dataset, flip_test=flip_test)
-  return jax.jit(step, out_shardings=batch_sharding(mesh))
+  """The jitted predict step, cached so periodic evaluations compile once."""
+  key = (id(model), id(mesh), dataset, flip_test)
+  if key not in _PREDICT_STEPS:
+    step = functools.partial(predict_step, model=model, dataset=dataset, flip_test=flip_test)
+    _PREDICT_STEPS[key] = (model, mesh, jax.jit(step, out_shardings=batch_sharding(mesh)))
+  return _PREDICT_STEPS[key][2]
 
 
 # ----------------------------------------------------------------------------
@@ -569,6 +595,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variables = loaded
   elif config.model.use_context and not config.model.train_backbone:
     logging.warning('No config.backbone_init: training on a RANDOM frozen backbone.')
+  if (config.model.use_context and config.model.train_backbone and not config.backbone_init
+      and not config.init_from and config.backbone_scratch_init == 'he'):
+    variables = he_init_backbone(variables, config.seed + 2)
   state = create_train_state(config, model, variables, tx)
   state = jax.device_put(state, replicated(mesh))
 

@@ -26,7 +26,8 @@ _conv_init = nn.initializers.normal(stddev=0.001)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
-  pad = kernel // 2  # torch padding=k//2; Flax 'SAME' pads stride 2 asymmetrically
+  # torch pads k//2 on both sides; Flax 'SAME' would pad stride 2 as (0, 1).
+  pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
                  kernel_init=_conv_init, dtype=dtype, name=name)
@@ -170,7 +171,8 @@ class HRNet(nn.Module):
         if i < len(ys):  # adapt an existing branch's width (if it differs)
           z = ys[i]
           if z.shape[-1] != c:
-            z = nn.relu(_batch_norm(train, f"{t}_1", dt)(_conv(c, 3, 1, f"{t}_0", dt)(z)))
+            z = nn.relu(_batch_norm(train, f"{t}_1", dt)(
+                _conv(c, 3, 1, f"{t}_0", dt)(z)))
         else:  # grow a new, coarser branch from the coarsest previous output
           z = ys[-1]
           for k in range(i + 1 - len(ys)):

@@ -70,7 +70,8 @@ def randomize_(model: nn.Module, seed: int, *, gain: float = math.sqrt(2.0),
         fill(module.bias, rng.uniform(-bias_scale, bias_scale, module.bias.shape))
         done.update((id(module.weight), id(module.bias)))
       if getattr(module, "running_mean", None) is not None:
-        fill(module.running_mean, rng.normal(0.0, mean_std, module.running_mean.shape))
+        fill(module.running_mean,
+             rng.normal(0.0, mean_std, module.running_mean.shape))
         fill(module.running_var, rng.uniform(*var_range, module.running_var.shape))
   for param in model.parameters():
     if id(param) not in done:

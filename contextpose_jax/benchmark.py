@@ -1,0 +1,747 @@
+r"""JAX vs the PyTorch reference modules, side by side, on this machine.
+
+    python -m contextpose_jax.benchmark                   # everything
+    python -m contextpose_jax.benchmark --quick           # a few minutes on 2 cores
+    python -m contextpose_jax.benchmark --rows=model,fold --backbones=hrnet_32 \
+        --batch_sizes=1,8 --json=bench.json
+
+Rows (``--rows``), each timed after warm-up as the median of ``--repeats``
+calls, with device synchronisation (``block_until_ready``; torch runs under
+``torch.no_grad()`` with ``torch.set_num_threads(os.cpu_count())``):
+  model     full model inference (backbone + lifter) per backbone and batch
+            size: JAX fp32, JAX bf16 (backbone compute in bfloat16) and torch
+            fp32 (``torch_reference.capf.CAPF``), same weights, same inputs;
+  fold      the same with BatchNorm folded into the backbone convolutions
+            (``fold_batch_norm``), JAX fp32 / bf16;
+  train     one lifter train step, frozen backbone (features precomputed):
+            jitted value_and_grad + optax AdamW vs torch backward + AdamW;
+  sampler   the context sampler alone (the deformable blocks' sampling of the
+            4 maps): our one-gather ``grid_sample`` vs
+            ``jax.scipy.ndimage.map_coordinates`` vs torch ``F.grid_sample``,
+            same points, forward and forward + backward;
+  pipeline  the training input pipeline, examples/s
+            (``contextpose_jax.data.throughput``; a synthetic set when no
+            ``--data_dir`` is given; no PyTorch counterpart).
+Every row with a PyTorch counterpart also reports the largest difference of
+its outputs from torch's on the same inputs, so a fast row is a correct one.
+The weights are random (official layouts, BatchNorm statistics calibrated):
+speed does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+ALL_ROWS = ("model", "fold", "train", "sampler", "pipeline")
+BACKBONES = ("hrnet_32", "hrnet_48", "cpn")
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timing:
+  first_s: float          # the first call: compilation (JAX) + one run
+  median_s: float         # median of the timed calls, after warm-up
+  times: list[float]
+
+
+def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5,
+            clock: Callable[[], float] = time.perf_counter) -> Timing:
+  """Times ``fn`` (which must block until its result is ready).
+
+  The first call (compilation) and ``warmup`` further calls are not part of
+  the median.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}")
+  start = clock()
+  fn()
+  first = clock() - start
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = clock()
+    fn()
+    times.append(clock() - start)
+  return Timing(first, float(np.median(times)), times)
+
+
+def _jax_blocking(fn):
+  import jax  # pylint: disable=g-import-not-at-top
+  return lambda *a: jax.block_until_ready(fn(*a))
+
+
+def _torch_sync():
+  import torch  # pylint: disable=g-import-not-at-top
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
+def _torch_device():
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------
+# Rows and the table.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+  group: str                   # the work, e.g. "full model hrnet_32, batch 8"
+  impl: str                    # "jax fp32", "torch fp32", ...
+  items: int                   # examples per call
+  unit: str = "images/s"
+  timing: Timing | None = None
+  rate: float | None = None    # for rows measured as a rate (pipeline)
+  max_diff: float | None = None  # max |output - torch output|
+  reference: bool = False      # the torch row of its group
+
+  @property
+  def throughput(self) -> float:
+    if self.rate is not None:
+      return self.rate
+    return self.items / self.timing.median_s
+
+  def as_dict(self) -> dict:
+    d = {"group": self.group, "impl": self.impl, "items": self.items, "unit": self.unit,
+         "throughput": self.throughput, "max_diff": self.max_diff,
+         "reference": self.reference}
+    if self.timing is not None:
+      d.update(median_s=self.timing.median_s, first_call_s=self.timing.first_s,
+               times_s=self.timing.times)
+    return d
+
+
+def ratios(rows: Sequence[Row]) -> list[float | None]:
+  """Each row's throughput over its group's torch row (None where there is none)."""
+  reference = {r.group: r.throughput for r in rows if r.reference}
+  return [r.throughput / reference[r.group] if r.group in reference else None
+          for r in rows]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+  """A markdown table: throughput, ratio JAX/PyTorch, timings, max |diff|."""
+  lines = ["| work | implementation | throughput | JAX / PyTorch | median call | "
+           "first call | max abs diff vs torch |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+  for row, ratio in zip(rows, ratios(rows)):
+    t = row.timing
+    lines.append("| " + " | ".join([
+        row.group, row.impl, f"{row.throughput:,.1f} {row.unit}",
+        "1.00 (reference)" if row.reference else (f"{ratio:.2f}x" if ratio else "-"),
+        f"{t.median_s * 1e3:,.1f} ms" if t else "-",
+        f"{t.first_s:,.1f} s" if t else "-",
+        f"{row.max_diff:.1e}" if row.max_diff is not None else "-"]) + " |")
+  return "\n".join(lines)
+
+
+def _max_diff(a, b) -> float:
+  a = [np.asarray(x, np.float64) for x in (a if isinstance(a, (list, tuple)) else [a])]
+  b = [np.asarray(x, np.float64) for x in (b if isinstance(b, (list, tuple)) else [b])]
+  return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------
+# BatchNorm folding for the frozen backbone.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBN:
+  conv: tuple[str, ...]   # module path of a bias-free conv
+  bn: tuple[str, ...]     # module path of the BatchNorm applied to its output
+  epsilon: float
+
+
+def _module_path(module) -> tuple[str, ...]:
+  return tuple(module.scope.path)
+
+
+def find_conv_bn_pairs(model, variables, *args, **kwargs) -> list[ConvBN]:
+  """Every BatchNorm whose input is, as traced, the output of a bias-free conv.
+
+  Found by tracing ``model.apply(variables, *args)`` abstractly (no compute),
+  so the pairing follows the real data flow, not the module names.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  pairs = []
+  last = {}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
+    if context.method_name != "__call__":
+      return out
+    module = context.module
+    if isinstance(module, nn.Conv) and not module.use_bias:
+      last["conv"], last["out"] = _module_path(module), out
+    elif isinstance(module, nn.BatchNorm) and module.use_running_average:
+      if call_args and last.get("out") is call_args[0]:
+        pairs.append(ConvBN(last["conv"], _module_path(module), float(module.epsilon)))
+    return out
+
+  def trace(v, *a):
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, *a, **kwargs)
+  jax.eval_shape(trace, variables, *args)
+  return pairs
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _without(tree, path):
+  """A copy of nested dict ``tree`` without the entry at ``path``."""
+  tree = dict(tree)
+  if len(path) == 1:
+    tree.pop(path[0], None)
+  else:
+    tree[path[0]] = _without(tree[path[0]], path[1:])
+    if not tree[path[0]]:
+      del tree[path[0]]
+  return tree
+
+
+def _with(tree, path, value):
+  tree = dict(tree)
+  tree[path[0]] = value if len(path) == 1 else _with(tree.get(path[0], {}), path[1:], value)
+  return tree
+
+
+def fold_batch_norm(variables, pairs: Sequence[ConvBN]):
+  """Variables with each BatchNorm of ``pairs`` folded into its conv (pure).
+
+  Inference-mode BN is per-channel affine: ``(y - mean) * g / sqrt(var + eps)
+  + b``; folded, the conv kernel is scaled by ``s = g / sqrt(var + eps)`` on
+  its output axis and gets the bias ``b - mean * s``. Computed in float64.
+  The folded BNs' params and statistics are dropped; run the result with
+  ``apply_folded``.
+  """
+  params = variables["params"]
+  stats = variables.get("batch_stats", {})
+  for pair in pairs:
+    kernel = np.asarray(_get(params, pair.conv)["kernel"], np.float64)
+    bn = _get(params, pair.bn)
+    mean = np.asarray(_get(stats, pair.bn)["mean"], np.float64)
+    var = np.asarray(_get(stats, pair.bn)["var"], np.float64)
+    s = np.asarray(bn["scale"], np.float64) / np.sqrt(var + pair.epsilon)
+    params = _with(params, pair.conv, {
+        "kernel": (kernel * s).astype(np.float32),
+        "bias": (np.asarray(bn["bias"], np.float64) - mean * s).astype(np.float32)})
+    params = _without(params, pair.bn)
+    stats = _without(stats, pair.bn)
+  out = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+  out["params"] = params
+  if stats:
+    out["batch_stats"] = stats
+  return out
+
+
+def apply_folded(model, folded_variables, *args, pairs: Sequence[ConvBN], **kwargs):
+  """``model.apply`` with the folded convs adding their bias and their BNs skipped."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  convs = {p.conv for p in pairs}
+  bns = {p.bn for p in pairs}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    if context.method_name == "__call__":
+      path = _module_path(context.module)
+      if path in bns:
+        return call_args[0]
+      if path in convs:
+        y = next_fun(*call_args, **call_kwargs)
+        return y + context.module.get_variable("params", "bias").astype(y.dtype)
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(interceptor):
+    return model.apply(folded_variables, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Workloads: every implementation of one piece of work, as no-argument calls.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Workload:
+  group: str
+  items: int
+  unit: str
+  impls: dict[str, Callable[[], Any]]     # name -> blocking call returning outputs
+  reference: str | None = None            # the torch impl's name
+  compare: Callable[[Any], Any] = lambda out: _to_numpy(out)  # -> arrays to compare
+  comparable: bool = True                 # False: random (drop path) differs by design
+  extras: dict = dataclasses.field(default_factory=dict)
+  # Filled by run_workload: each impl's compared outputs of its first call.
+  outputs: dict = dataclasses.field(default_factory=dict)
+
+
+def _random_inputs(batch: int, seed: int):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, 256, 192, 3)).astype(np.float32)
+  kp2d = rng.uniform(-0.6, 0.6, (batch, 17, 2)).astype(np.float32)
+  crop = (rng.uniform(0.05, 0.95, (batch, 17, 2)) * [191, 255]).astype(np.float32)
+  return images, kp2d, crop
+
+
+def build_models(backbone: str, *, backbone_kwargs=None, embed_dim: int | None = None,
+                 depth: int = 4, seed: int = 0):
+  """A random official-layout torch CA-PF (h36m) and the same weights in JAX.
+
+  Returns ``(torch_model, jax_variables, model_config)``.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  config = capf.default_model_config(backbone, "h36m")
+  if backbone_kwargs:
+    config.backbone_kwargs = ml_collections.ConfigDict(dict(backbone_kwargs))
+  if embed_dim:
+    config.embed_dim = embed_dim
+  config.depth = depth
+  model = ref_capf.CAPF(backbone, "h36m", backbone_kwargs=backbone_kwargs,
+                        embed_dim=config.embed_dim, depth=depth).eval()
+  images = torch.tensor(_random_inputs(1, seed)[0]).permute(0, 3, 1, 2)
+  randomize_(model.backbone, seed, example_inputs=(images,))
+  randomize_(model.volume_net, seed + 1)
+  with torch.no_grad():
+    for name, p in model.volume_net.named_parameters():
+      if "sampling_offsets.weight" in name:
+        p.mul_(0.25)  # offsets of a few pixels, as trained models have
+  variables = capf.load_torch_state_dict(state_dict_numpy(model), capf.build_model(config),
+                                         config, source=f"random {backbone}")
+  return model, variables, config
+
+
+def full_model_workload(backbone: str, batch: int, *, dtypes=("float32", "bfloat16"),
+                        fold: bool = False, unfolded: bool = True, models=None,
+                        seed: int = 0, **model_kwargs) -> Workload:
+  """Backbone + lifter inference on ``batch`` crops: JAX rows and the torch row."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
+  torch_model, variables, config = models or build_models(backbone, seed=seed, **model_kwargs)
+  images, kp2d, crop = _random_inputs(batch, seed + 7)
+  impls = {}
+  pairs, folded = None, None
+  for dtype in dtypes:
+    cfg = config.copy_and_resolve_references()
+    cfg.backbone_dtype = dtype
+    model = capf.build_model(cfg)
+    name = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+    args = (jax.device_put(images), jax.device_put(kp2d), jax.device_put(crop))
+    if unfolded:
+      fn = jax.jit(model.apply)
+      impls[f"jax {name}"] = functools.partial(
+          _jax_blocking(fn), jax.device_put(variables), *args)
+    if fold:
+      if pairs is None:
+        pairs = find_conv_bn_pairs(model, variables, *capf.dummy_inputs(1))
+        folded = jax.device_put(fold_batch_norm(variables, pairs))
+      fn = jax.jit(functools.partial(apply_folded, model, pairs=pairs))
+      impls[f"jax {name} BN-folded"] = functools.partial(_jax_blocking(fn), folded, *args)
+
+  device = _torch_device()
+  torch_model = torch_model.to(device)
+  t_args = [torch.tensor(a, device=device) for a in (images, kp2d, crop)]
+
+  def torch_call():
+    with torch.no_grad():
+      out = torch_model(*t_args)
+    _torch_sync()
+    return out
+  impls["torch fp32"] = torch_call
+  return Workload(f"full model {backbone}, batch {batch}", batch, "images/s", impls,
+                  "torch fp32", _to_numpy)
+
+
+def _to_numpy(out):
+  if hasattr(out, "detach"):
+    return out.detach().cpu().numpy()
+  if isinstance(out, (list, tuple)):
+    return [_to_numpy(o) for o in out]
+  return np.asarray(out)
+
+
+def feature_shapes(backbone: str, batch: int, backbone_kwargs=None):
+  """NHWC shapes of the 4 backbone maps at 256x192."""
+  from contextpose_jax.torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
+  dims = ref_capf.feature_dims(backbone, backbone_kwargs)
+  if backbone == "cpn":
+    return [(batch, 64, 48, c) for c in dims]
+  return [(batch, 64 // 2 ** i, 48 // 2 ** i, c) for i, c in enumerate(dims)]
+
+
+def lifter_train_workload(backbone: str, batch: int, *, embed_dim: int = 128, depth: int = 4,
+                          drop_path_rate: float = 0.2, lr: float = 6.4e-4,
+                          weight_decay: float = 0.1, backbone_kwargs=None,
+                          seed: int = 0) -> Workload:
+  """One AdamW step of the lifter on precomputed (frozen-backbone) features.
+
+  JAX: jitted value_and_grad of the MPJPE loss + ``optax.adamw`` (the update
+  torch's AdamW makes: decoupled decay on the old weights), params and
+  optimizer state donated. Torch: ``loss.backward()`` + ``AdamW.step()``.
+  Both start from the same weights and see the same batch; each call of a
+  row takes one more step. The outputs compared are the loss and the
+  updated weights after the FIRST step of each (make the workload anew).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models import torch_import  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models.lifter import Lifter  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.torch_reference.lifter import PoseTransformer  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(seed)
+  dims = ref_capf.feature_dims(backbone, backbone_kwargs)
+  torch_lifter = PoseTransformer(dims, embed_dim=embed_dim, depth=depth,
+                                 drop_path_rate=drop_path_rate)
+  randomize_(torch_lifter, seed)
+  with torch.no_grad():
+    for name, p in torch_lifter.named_parameters():
+      if "sampling_offsets.weight" in name:
+        p.mul_(0.25)
+  lifter = Lifter(embed_dim=embed_dim, depth=depth, drop_path_rate=drop_path_rate)
+
+  rng = np.random.default_rng(seed + 3)
+  feats = [rng.normal(size=s).astype(np.float32)
+           for s in feature_shapes(backbone, batch, backbone_kwargs)]
+  kp2d = rng.uniform(-0.6, 0.6, (batch, 17, 2)).astype(np.float32)
+  ref = rng.uniform(-0.9, 0.9, (batch, 17, 2)).astype(np.float32)
+  target = rng.normal(0, 0.3, (batch, 17, 3)).astype(np.float32)
+  target[:, 0] = 0
+
+  target_shapes = jax.eval_shape(lifter.init, jax.random.PRNGKey(0), kp2d, ref, feats)
+  params = torch_import.convert_state_dict(state_dict_numpy(torch_lifter), target_shapes,
+                                           source="random lifter")["params"]
+  tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+
+  def loss_fn(p, feats, kp2d, ref, target, key):
+    pred = lifter.apply({"params": p}, kp2d, ref, feats, train=True,
+                        rngs={"dropout": key})
+    return jnp.mean(jnp.linalg.norm(pred[:, 0] - target, axis=-1))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, opt_state, key, feats, kp2d, ref, target):
+    key, sub = jax.random.split(key)
+    loss, grads = jax.value_and_grad(loss_fn)(p, feats, kp2d, ref, target, sub)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, key, loss
+
+  state = {"p": jax.device_put(params)}
+  state["opt"] = tx.init(state["p"])
+  state["key"] = jax.random.PRNGKey(seed)
+  batch_args = [jax.device_put(x) for x in (feats, kp2d, ref, target)]
+
+  def jax_call():
+    state["p"], state["opt"], state["key"], loss = step(
+        state["p"], state["opt"], state["key"], *batch_args)
+    jax.block_until_ready(loss)
+    return loss, state["p"]
+
+  device = _torch_device()
+  torch_lifter = torch_lifter.to(device).train()
+  optimizer = torch.optim.AdamW(torch_lifter.parameters(), lr=lr, betas=(0.9, 0.999),
+                                eps=1e-8, weight_decay=weight_decay)
+  t_feats = [torch.tensor(f, device=device).permute(0, 3, 1, 2).contiguous() for f in feats]
+  t_kp2d, t_ref, t_target = (torch.tensor(x, device=device) for x in (kp2d, ref, target))
+
+  def torch_call():
+    optimizer.zero_grad(set_to_none=True)
+    pred = torch_lifter(t_kp2d, t_ref, t_feats)
+    loss = torch.linalg.norm(pred[:, 0] - t_target, dim=-1).mean()
+    loss.backward()
+    optimizer.step()
+    _torch_sync()
+    return loss, torch_lifter
+
+  def compare(out):
+    loss, weights = out
+    if hasattr(weights, "state_dict"):  # torch: the weights in the JAX layout
+      weights = torch_import.convert_state_dict(
+          state_dict_numpy(weights), target_shapes, source="torch lifter")["params"]
+      loss = loss.detach().cpu()
+    return [np.asarray(loss)] + comparable_weights(weights)
+
+  # With drop path on, the two draw different random masks: nothing to compare.
+  return Workload(f"lifter train step {backbone}, batch {batch}", batch, "examples/s",
+                  {"jax fp32": jax_call, "torch fp32": torch_call}, "torch fp32", compare,
+                  comparable=drop_path_rate == 0.0, extras={"initial_params": params})
+
+
+def comparable_weights(params) -> list[np.ndarray]:
+  """The lifter's weights as arrays, without the attention KEY biases.
+
+  Softmax ignores a constant added to all logits, so the loss gradient of the
+  key bias is exactly 0 and what either framework computes is rounding noise;
+  Adam's first step normalises that noise to an arbitrary +-lr step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    leaf = np.asarray(leaf)
+    names = [getattr(k, "key", None) for k in path]
+    if names[-2:] == ["qkv", "bias"]:
+      dim = leaf.shape[0] // 3
+      leaf = np.concatenate([leaf[:dim], leaf[2 * dim:]])  # q and v biases
+    out.append(leaf)
+  return out
+
+def _map_coordinates_sample(feature_map, coords, padding_mode: str):
+  """Bilinear align_corners=True sampling through ``map_coordinates``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.scipy import ndimage  # pylint: disable=g-import-not-at-top
+  _, h, w, _ = feature_map.shape
+  x = (coords[..., 0] + 1) * (0.5 * (w - 1))
+  y = (coords[..., 1] + 1) * (0.5 * (h - 1))
+  # 'border' clamps the position to the map = scipy's 'nearest' for order 1;
+  # 'zeros' = 'constant' with cval 0 (out-of-map corners contribute 0).
+  mode = "nearest" if padding_mode == "border" else "constant"
+
+  def one_channel(channel, y, x):
+    return ndimage.map_coordinates(channel, [y, x], order=1, mode=mode)
+  per_channel = jax.vmap(one_channel, in_axes=(2, None, None), out_axes=-1)
+  return jax.vmap(per_channel)(feature_map, y, x)
+
+
+def sampler_workload(backbone: str, batch: int, *, backward: bool = False,
+                     points_per_joint: int = 16, backbone_kwargs=None,
+                     seed: int = 0) -> Workload:
+  """The deformable blocks' sampling: ``batch x 17 x points_per_joint`` points
+  in each of the 4 maps, 'border' padding (forward, or forward + backward to
+  the maps and the points)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models import sampler  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  maps = [rng.normal(size=s).astype(np.float32)
+          for s in feature_shapes(backbone, batch, backbone_kwargs)]
+  points = rng.uniform(-1.1, 1.1, (batch, 17 * points_per_joint, 2)).astype(np.float32)
+  cotangents = [rng.normal(size=(batch, points.shape[1], m.shape[-1])).astype(np.float32)
+                for m in maps]
+
+  def jax_impl(sample):
+    def forward(maps, points):
+      return [sample(m, points, "border") for m in maps]
+    if not backward:
+      fn = jax.jit(forward)
+      return lambda m, p: fn(m, p)
+
+    def objective(maps, points):
+      return sum(jnp.sum(o * c) for o, c in zip(forward(maps, points), cotangents))
+    fn = jax.jit(jax.grad(objective, argnums=(0, 1)))
+    return lambda m, p: (lambda g: [*g[0], g[1]])(fn(m, p))
+
+  j_maps, j_points = jax.device_put(maps), jax.device_put(points)
+  impls = {}
+  for name, sample in (("jax gather (ours)", sampler.grid_sample),
+                       ("jax map_coordinates", _map_coordinates_sample)):
+    impls[name] = functools.partial(_jax_blocking(jax_impl(sample)), j_maps, j_points)
+
+  device = _torch_device()
+  t_maps = [torch.tensor(m, device=device).permute(0, 3, 1, 2).contiguous() for m in maps]
+  t_grid = torch.tensor(points, device=device)[:, :, None, :]  # (B, P, 1, 2)
+  t_cot = [torch.tensor(c, device=device) for c in cotangents]
+
+  def torch_forward(maps, grid):
+    return [F.grid_sample(m, grid, mode="bilinear", padding_mode="border",
+                          align_corners=True)[..., 0].transpose(1, 2) for m in maps]
+
+  def torch_call():
+    if not backward:
+      with torch.no_grad():
+        out = torch_forward(t_maps, t_grid)
+      _torch_sync()
+      return out
+    maps = [m.detach().requires_grad_() for m in t_maps]
+    grid = t_grid.detach().requires_grad_()
+    objective = sum((o * c).sum() for o, c in zip(torch_forward(maps, grid), t_cot))
+    objective.backward()
+    _torch_sync()
+    return [m.grad.permute(0, 2, 3, 1) for m in maps] + [grid.grad[:, :, 0]]
+  impls["torch grid_sample"] = torch_call
+  what = "fwd+bwd" if backward else "fwd"
+  return Workload(f"context sampler {what}, {backbone} maps, batch {batch} "
+                  f"(17x{points_per_joint} pts)", batch, "examples/s", impls,
+                  "torch grid_sample", _to_numpy)
+
+
+def run_workload(work: Workload, *, warmup: int, repeats: int, log=None) -> list[Row]:
+  """Times every implementation and compares its outputs with the reference.
+
+  The outputs compared are those of each implementation's FIRST call, taken
+  (through ``work.compare``) before any later call can change or donate them.
+  """
+  outputs, rows = work.outputs, []
+  for name, fn in work.impls.items():
+    def call(fn=fn, name=name):
+      out = fn()
+      if name not in outputs:
+        outputs[name] = work.compare(out)
+    timing = measure(call, warmup=warmup, repeats=repeats)
+    rows.append(Row(work.group, name, work.items, work.unit, timing,
+                    reference=name == work.reference))
+    if log:
+      log(f"  {work.group} | {name}: {timing.median_s * 1e3:.1f} ms "
+          f"(first call {timing.first_s:.1f} s)")
+  if work.comparable and work.reference in outputs:
+    for row in rows:
+      if not row.reference:
+        row.max_diff = _max_diff(outputs[row.impl], outputs[work.reference])
+  return rows
+
+
+# ----------------------------------------------------------------------------
+# The command line.
+# ----------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  device = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "cpu": cpu, "cpu_count": os.cpu_count(),
+      "jax": f"{jax.__version__} ({device.platform}: {device.device_kind})",
+      "torch": f"{torch.__version__} ({_torch_device()}, {torch.get_num_threads()} threads)",
+      "python": platform.python_version(),
+      "load_average": os.getloadavg()[0],
+  }
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m contextpose_jax.benchmark",
+                              description="JAX vs PyTorch reference, side by side.")
+  p.add_argument("--rows", default=",".join(ALL_ROWS),
+                 help=f"comma list of {', '.join(ALL_ROWS)}")
+  p.add_argument("--backbones", default=",".join(BACKBONES))
+  p.add_argument("--batch_sizes", default="1,8", help="full-model batch sizes")
+  p.add_argument("--dtypes", default="float32,bfloat16", help="JAX backbone dtypes")
+  p.add_argument("--train_batch", type=int, default=64, help="lifter train step batch")
+  p.add_argument("--sampler_batch", type=int, default=64)
+  p.add_argument("--pipeline_batch", type=int, default=256)
+  p.add_argument("--pipeline_batches", type=int, default=20)
+  p.add_argument("--data_dir", default=None,
+                 help="TFDS data dir for the pipeline row (default: a synthetic set "
+                 "built in a temporary directory, not timed)")
+  p.add_argument("--dataset", default="synthetic_human36m")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+  p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
+  p.add_argument("--quick", action="store_true",
+                 help="hrnet_32 only, batch sizes 1,4, train/sampler batch 32, "
+                 "3 repeats, 1 warm-up, a short pipeline run")
+  p.add_argument("--compilation_cache", default=None,
+                 help="a persistent JAX compilation cache directory (reruns skip "
+                 "compilation)")
+  p.add_argument("--json", default=None, help="also write the rows and machine here")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.backbones, args.batch_sizes = "hrnet_32", "1,4"
+    args.train_batch = args.sampler_batch = 32
+    args.repeats, args.warmup = 3, 1
+    args.pipeline_batch, args.pipeline_batches = 64, 10
+  args.rows = [r for r in args.rows.split(",") if r]
+  unknown = set(args.rows) - set(ALL_ROWS)
+  if unknown:
+    p.error(f"--rows: unknown {sorted(unknown)}; choose from {ALL_ROWS}")
+  args.backbones = [b for b in args.backbones.split(",") if b]
+  if set(args.backbones) - set(BACKBONES):
+    p.error(f"--backbones: choose from {BACKBONES}")
+  args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+  args.dtypes = [d for d in args.dtypes.split(",") if d]
+  if set(args.dtypes) - {"float32", "bfloat16"}:
+    p.error("--dtypes: choose from float32, bfloat16")
+  return args
+
+
+def run(args, log=print) -> tuple[list[Row], dict]:
+  import torch  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  info = machine_info()
+  log(json.dumps(info))
+  timing = dict(warmup=args.warmup, repeats=args.repeats, log=log)
+  rows: list[Row] = []
+  if "model" in args.rows or "fold" in args.rows:
+    for backbone in args.backbones:
+      models = build_models(backbone)
+      for batch in args.batch_sizes:
+        work = full_model_workload(backbone, batch, dtypes=args.dtypes, models=models,
+                                   fold="fold" in args.rows, unfolded="model" in args.rows)
+        rows += run_workload(work, **timing)
+      del models
+  if "train" in args.rows:
+    for backbone in args.backbones:
+      rows += run_workload(lifter_train_workload(backbone, args.train_batch), **timing)
+  if "sampler" in args.rows:
+    for backward in (False, True):
+      rows += run_workload(sampler_workload(args.backbones[0], args.sampler_batch,
+                                            backward=backward), **timing)
+  if "pipeline" in args.rows:
+    from contextpose_jax.data import throughput  # pylint: disable=g-import-not-at-top
+    rate = throughput.measure(args.data_dir, name=args.dataset,
+                              batch_size=args.pipeline_batch,
+                              num_batches=args.pipeline_batches, log=log)
+    rows.append(Row(f"input pipeline ({args.dataset}, batch {args.pipeline_batch})",
+                    "grain + OpenCV", args.pipeline_batch, "examples/s", rate=rate))
+  info["load_average_end"] = os.getloadavg()[0]
+  return rows, info
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  command = "python -m contextpose_jax.benchmark " + " ".join(
+      argv if argv is not None else sys.argv[1:])
+  rows, info = run(args, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+  print(f"{command}\n")
+  print("; ".join(f"{k}: {v}" for k, v in info.items()) + "\n")
+  print(format_table(rows))
+  if args.json:
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"command": command, "machine": info,
+                 "rows": [r.as_dict() for r in rows]}, f, indent=1)
+    os.replace(tmp, args.json)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,174 @@
+"""The benchmark's machinery at tiny sizes (nothing here is timed).
+
+What a benchmark row claims is only worth something if the rows it compares do
+the same work: every JAX row must compute what the torch row computes on the
+same inputs (full model, BN-folded model, one AdamW train step, the three
+context samplers), and the timing / ratio arithmetic must be right.
+"""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+
+from contextpose_jax import benchmark
+from contextpose_jax.torch_reference import capf as ref_capf
+from contextpose_jax.torch_reference.common import randomize_
+
+SMALL = {
+    "hrnet_32": dict(width=8, stage_modules=[1, 1, 1], num_blocks=1, stem_channels=8,
+                     layer1_blocks=1),
+    "cpn": dict(resnet_layers=[1, 1, 1, 1], width=8, lateral_channels=16),
+}
+
+
+def test_measure_median_excludes_first_call_and_warmup():
+  # A fake clock: call k takes durations[k] seconds.
+  durations = iter([50.0, 9.0, 9.0, 3.0, 1.0, 2.0, 100.0, 4.0])
+  now = [0.0]
+  calls = []
+
+  def fn():
+    calls.append(1)
+    now[0] += next(durations)
+  timing = benchmark.measure(fn, warmup=2, repeats=5, clock=lambda: now[0])
+  assert len(calls) == 8
+  assert timing.first_s == 50.0
+  assert timing.times == [3.0, 1.0, 2.0, 100.0, 4.0]
+  assert timing.median_s == 3.0
+
+
+def test_ratios_and_table():
+  t = lambda s: benchmark.Timing(first_s=10.0, median_s=s, times=[s])
+  rows = [benchmark.Row("g", "jax fp32", 8, timing=t(0.5), max_diff=2e-6),
+          benchmark.Row("g", "torch fp32", 8, timing=t(1.0), reference=True),
+          benchmark.Row("p", "grain", 256, "examples/s", rate=1000.0)]
+  assert [r.throughput for r in rows] == [16.0, 8.0, 1000.0]
+  assert benchmark.ratios(rows) == [2.0, 1.0, None]
+  table = benchmark.format_table(rows).splitlines()
+  assert table[2] == "| g | jax fp32 | 16.0 images/s | 2.00x | 500.0 ms | 10.0 s | 2.0e-06 |"
+  assert table[3].startswith("| g | torch fp32 | 8.0 images/s | 1.00 (reference) |")
+  assert table[4] == "| p | grain | 1,000.0 examples/s | - | - | - | - |"
+
+
+@pytest.mark.parametrize("backbone", ["hrnet_32", "cpn"])
+def test_full_model_rows_compute_the_same_as_torch(backbone):
+  models = benchmark.build_models(backbone, backbone_kwargs=SMALL[backbone], embed_dim=32,
+                                  depth=1, seed=3)
+  work = benchmark.full_model_workload(backbone, 2, dtypes=("float32", "bfloat16"),
+                                       fold=True, models=models, seed=3)
+  assert set(work.impls) == {"jax fp32", "jax fp32 BN-folded", "jax bf16",
+                             "jax bf16 BN-folded", "torch fp32"}
+  rows = {r.impl: r for r in benchmark.run_workload(work, warmup=0, repeats=1)}
+  assert rows["torch fp32"].reference and rows["torch fp32"].max_diff is None
+  want = work.compare(work.impls["torch fp32"]())
+  assert np.abs(want).max() > 0.05  # a non-degenerate pose
+  for name in ("jax fp32", "jax fp32 BN-folded"):
+    assert rows[name].max_diff < 2e-4, (name, rows[name].max_diff)
+    np.testing.assert_allclose(work.compare(work.impls[name]()), want, rtol=1e-4, atol=2e-4)
+  # bf16 backbone: not equal, but the same pose up to bf16 rounding (which a
+  # random, untrained backbone amplifies more than a trained one).
+  for name in ("jax bf16", "jax bf16 BN-folded"):
+    got = work.outputs[name]
+    assert rows[name].max_diff > 1e-3
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95, name
+
+
+def test_every_backbone_batch_norm_is_folded():
+  """Pair discovery finds every BatchNorm of the (reduced) backbones, and the
+  folded variables keep no BatchNorm at all."""
+  for backbone in ("hrnet_32", "cpn"):
+    torch_model, variables, config = benchmark.build_models(
+        backbone, backbone_kwargs=SMALL[backbone], embed_dim=32, depth=1)
+    from contextpose_jax.models import capf
+    model = capf.build_model(config)
+    pairs = benchmark.find_conv_bn_pairs(model, variables, *capf.dummy_inputs(1))
+    # Official CPN's GlobalNet.predict / RefineNet.final_predict heads are not
+    # part of the backbone's forward (their BNs are not in the Flax model).
+    used = [n for n, m in torch_model.backbone.named_modules()
+            if isinstance(m, torch.nn.BatchNorm2d)
+            and not n.startswith(("global_net.predict", "refine_net.final_predict"))]
+    assert len(pairs) == len(used) > 10
+    folded = benchmark.fold_batch_norm(variables, pairs)
+    assert "batch_stats" not in folded
+    assert all(p.bn[0] == "backbone" for p in pairs)
+
+
+def test_fold_equals_torch_fuse_conv_bn_eval():
+  """The folding arithmetic against torch's own conv-BN fusion."""
+  conv = torch.nn.Conv2d(5, 7, 3, 2, 1, bias=False)
+  bn = torch.nn.BatchNorm2d(7, eps=1e-5)
+  randomize_(torch.nn.Sequential(conv, bn), 0)
+  fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+  class ConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(7, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                  name="conv")(x)
+      return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn")(x)
+  t = lambda x: x.detach().numpy()
+  variables = {"params": {"conv": {"kernel": t(conv.weight).transpose(2, 3, 1, 0)},
+                          "bn": {"scale": t(bn.weight), "bias": t(bn.bias)}},
+               "batch_stats": {"bn": {"mean": t(bn.running_mean), "var": t(bn.running_var)}}}
+  x = np.random.default_rng(0).normal(size=(2, 9, 9, 5)).astype(np.float32)
+  pairs = benchmark.find_conv_bn_pairs(ConvBN(), variables, x)
+  assert pairs == [benchmark.ConvBN(("conv",), ("bn",), 1e-5)]
+  folded = benchmark.fold_batch_norm(variables, pairs)
+  np.testing.assert_allclose(folded["params"]["conv"]["kernel"],
+                             t(fused.weight).transpose(2, 3, 1, 0), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(folded["params"]["conv"]["bias"], t(fused.bias),
+                             rtol=1e-6, atol=1e-7)
+  got = benchmark.apply_folded(ConvBN(), folded, x, pairs=pairs)
+  want = fused(torch.tensor(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+  np.testing.assert_allclose(got, t(want), rtol=1e-5, atol=1e-5)
+
+
+def test_lifter_train_step_matches_torch_adamw():
+  """One step each from the same weights and batch (drop path off, so both are
+  deterministic): the same loss and the same AdamW-updated weights."""
+  work = benchmark.lifter_train_workload("hrnet_32", 3, embed_dim=32, depth=1,
+                                         drop_path_rate=0.0,
+                                         backbone_kwargs=SMALL["hrnet_32"], seed=1)
+  rows = benchmark.run_workload(work, warmup=0, repeats=1)
+  jax_row = next(r for r in rows if r.impl == "jax fp32")
+  assert jax_row.max_diff is not None and jax_row.max_diff < 2 * 6.4e-4  # a bounded step
+  got, want = work.outputs["jax fp32"], work.outputs["torch fp32"]
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # the loss
+  # Adam's first step is lr * g / (|g| + 1e-8): where a gradient is itself
+  # ~1e-8 (rounding level), the step is rounding noise in both frameworks.
+  # All other weights agree to float32 precision.
+  diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(got[1:], want[1:])])
+  assert (diff > 2e-5).mean() < 1e-4, ((diff > 2e-5).sum(), diff.size)
+  # The comparison covers every weight, and the step moved each by about lr
+  # (AdamW's first step), far more than the tolerance above.
+  before = benchmark.comparable_weights(work.extras["initial_params"])
+  for name in ("jax fp32", "torch fp32"):
+    after = work.outputs[name][1:]
+    assert len(after) == len(before) > 20
+    moved = np.array([np.abs(a - b).max() for a, b in zip(after, before)])
+    assert moved.min() > 1e-4 and moved.max() < 2e-3, (name, moved.min(), moved.max())
+  # With drop path on (the official 0.2), the random masks differ: no claim.
+  assert not benchmark.lifter_train_workload(
+      "hrnet_32", 3, embed_dim=32, depth=1, backbone_kwargs=SMALL["hrnet_32"]).comparable
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_three_samplers_agree(backward):
+  work = benchmark.sampler_workload("hrnet_32", 2, backward=backward, points_per_joint=4,
+                                    backbone_kwargs=SMALL["hrnet_32"], seed=backward)
+  rows = {r.impl: r for r in benchmark.run_workload(work, warmup=0, repeats=1)}
+  assert rows["torch grid_sample"].reference
+  for name in ("jax gather (ours)", "jax map_coordinates"):
+    assert rows[name].max_diff < 1e-4, (name, rows[name].max_diff)
+  out = work.compare(work.impls["torch grid_sample"]())
+  assert len(out) == (5 if backward else 4)  # 4 maps (+ the points' gradient)
+  assert all(np.abs(o).max() > 0.1 for o in out)
+
+
+def test_parse_args_quick_and_errors():
+  args = benchmark.parse_args(["--quick", "--rows=model,train"])
+  assert args.backbones == ["hrnet_32"] and args.batch_sizes == [1, 4]
+  assert args.rows == ["model", "train"] and args.repeats == 3
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--rows=model,nope"])
