@@ -200,8 +200,8 @@ def square_box(box) -> np.ndarray:
 
   The official warp scales BOTH axes by the box WIDTH (its boxes are square,
   2 m x 2 m): a tall detector box used as it is would cut the person off.
-  A box at least as wide as tall is kept unchanged, so an official box gives
-  the official crop exactly.
+  A box at least as wide as tall keeps its centre and width, the only things
+  the warp reads, so an official box gives the official crop.
   """
   x0, y0, x1, y1 = (float(v) for v in box)
   side = max(x1 - x0, y1 - y0)

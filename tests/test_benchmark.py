@@ -38,6 +38,21 @@ def test_measure_median_excludes_first_call_and_warmup():
   assert timing.median_s == 3.0
 
 
+def test_measure_interleaved_rounds():
+  """Every row sees each round's load: calls alternate a, b, a, b, ..."""
+  now, order = [0.0], []
+
+  def make(name, seconds):
+    def fn():
+      order.append(name)
+      now[0] += seconds
+    return fn
+  timings = benchmark.measure_interleaved({"a": make("a", 1.0), "b": make("b", 3.0)},
+                                          warmup=1, repeats=3, clock=lambda: now[0])
+  assert order == ["a", "b"] * 5
+  assert timings["a"].times == [1.0] * 3 and timings["b"].median_s == 3.0
+
+
 def test_ratios_and_table():
   t = lambda s: benchmark.Timing(first_s=10.0, median_s=s, times=[s])
   rows = [benchmark.Row("g", "jax fp32", 8, timing=t(0.5), max_diff=2e-6),
@@ -46,9 +61,10 @@ def test_ratios_and_table():
   assert [r.throughput for r in rows] == [16.0, 8.0, 1000.0]
   assert benchmark.ratios(rows) == [2.0, 1.0, None]
   table = benchmark.format_table(rows).splitlines()
-  assert table[2] == "| g | jax fp32 | 16.0 images/s | 2.00x | 500.0 ms | 10.0 s | 2.0e-06 |"
+  assert table[2] == ("| g | jax fp32 | 16.0 images/s | 2.00x | 500.0 ms | 500.0 ms | 10.0 s "
+                      "| 2.0e-06 |")
   assert table[3].startswith("| g | torch fp32 | 8.0 images/s | 1.00 (reference) |")
-  assert table[4] == "| p | grain | 1,000.0 examples/s | - | - | - | - |"
+  assert table[4] == "| p | grain | 1,000.0 examples/s | - | - | - | - | - |"
 
 
 @pytest.mark.parametrize("backbone", ["hrnet_32", "cpn"])
@@ -60,12 +76,13 @@ def test_full_model_rows_compute_the_same_as_torch(backbone):
   assert set(work.impls) == {"jax fp32", "jax fp32 BN-folded", "jax bf16",
                              "jax bf16 BN-folded", "torch fp32"}
   rows = {r.impl: r for r in benchmark.run_workload(work, warmup=0, repeats=1)}
-  assert rows["torch fp32"].reference and rows["torch fp32"].max_diff is None
-  want = work.compare(work.impls["torch fp32"]())
-  assert np.abs(want).max() > 0.05  # a non-degenerate pose
-  for name in ("jax fp32", "jax fp32 BN-folded"):
+  assert rows["torch fp32"].reference
+  # Every row is measured against torch in float64 (the exact answer).
+  want = work.exact()
+  assert want.dtype == np.float64 and np.abs(want).max() > 0.05  # a non-degenerate pose
+  for name in ("torch fp32", "jax fp32", "jax fp32 BN-folded"):
     assert rows[name].max_diff < 2e-4, (name, rows[name].max_diff)
-    np.testing.assert_allclose(work.compare(work.impls[name]()), want, rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(work.outputs[name], want, rtol=1e-4, atol=2e-4)
   # bf16 backbone: not equal, but the same pose up to bf16 rounding (which a
   # random, untrained backbone amplifies more than a trained one).
   for name in ("jax bf16", "jax bf16 BN-folded"):

@@ -164,12 +164,18 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     config = t._config(train_backbone=True)
     config.model.drop_path_rate = 0.2
     config.model.drop_rate = 0.1
+    # Adam turns gradients near 0 into +-1 updates, which would amplify the
+    # float noise of a different reduction order; a larger eps keeps the
+    # comparison about the step, not about that noise.
+    config.eps = 1e-3
     out = {{}}
+    import time
     batches = [t._batch(8, seed=s) for s in (1, 2)]
     for name, devices in (('one', jax.devices()[:1]), ('four', jax.devices())):
       mesh = train.make_mesh(devices)
       model, tx, state, step = t._setup(config, mesh)
       losses = []
+      t0 = time.time()
       for b in batches:
         gb = train.global_batch(b, mesh)
         assert len(gb['image'].sharding.device_set) == len(devices)
@@ -181,7 +187,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
                 keypoints_2d_crop_flip=eb['keypoints_2d_crop'])
       pred = predict(state.variables(), train.global_batch(eb, mesh))
       assert len(state.params['lifter']['head_1']['kernel'].sharding.device_set) == len(devices)
-      out[name] = dict(losses=losses, pred=np.asarray(pred).tolist(),
+      print(name, 'seconds', time.time() - t0, file=sys.stderr)
+      out[name] = dict(losses=losses, grad_norm=float(m['grad_norm']), pred=np.asarray(pred).tolist(),
                        params=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(
                            jax.device_get(state.variables()))])
     print('RESULT' + json.dumps(out))
@@ -199,7 +206,9 @@ def test_four_device_step_equals_one_device_step(tmp_path):
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][0]
   out = json.loads(line[len('RESULT'):])
   one, four = out['one'], out['four']
+  print(proc.stderr[-500:])
   np.testing.assert_allclose(four['losses'], one['losses'], rtol=1e-5)
+  np.testing.assert_allclose(four['grad_norm'], one['grad_norm'], rtol=1e-4)
   np.testing.assert_allclose(four['pred'], one['pred'], rtol=1e-4, atol=1e-6)
   assert len(four['params']) == len(one['params'])
   for a, b in zip(four['params'], one['params']):

@@ -1,0 +1,134 @@
+"""End to end on the synthetic set with `configs/tiny_test.py`, through main.py:
+training beats the mean-pose baseline, eval-only on the saved checkpoint
+reproduces eval.json, and a killed run resumed from its checkpoint ends with
+exactly the parameters of an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'tiny_test.py')
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  root = tmp_path_factory.mktemp('e2e')
+  data_dir = root / 'data'
+  sys.path.insert(0, REPO)
+  from configs import tiny_test
+  from data_prep import synthetic
+  synthetic.build(str(data_dir), log=lambda *a: None,
+                  **tiny_test.get_config().data.synthetic.to_dict())
+  # Runs share compiled programs (same shapes, same process layout).
+  cache = root / 'jax_cache'
+  environ = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return dict(root=root, data_dir=str(data_dir), environ=environ, runs={})
+
+
+def _cmd(env, workdir, *extra):
+  return [sys.executable, os.path.join(REPO, 'main.py'), f'--config={CONFIG}',
+          f'--workdir={workdir}', f'--config.data.data_dir={env["data_dir"]}', *extra]
+
+
+def _run(env, workdir, *extra):
+  proc = subprocess.run(_cmd(env, workdir, *extra), env=env['environ'], cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _latest_state(workdir):
+  import orbax.checkpoint as ocp
+  directory = os.path.join(workdir, 'checkpoints')
+  mngr = ocp.CheckpointManager(directory, item_names=('state',),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  mngr.close()
+  return step, state
+
+
+def _trained(env):
+  if 'trained' not in env['runs']:
+    workdir = env['root'] / 'trained'
+    proc = _run(env, workdir)
+    env['runs']['trained'] = (workdir, proc)
+  return env['runs']['trained']
+
+
+def test_training_beats_mean_pose_and_eval_only_reproduces(env):
+  from contextpose_jax import evaluate
+  workdir, proc = _trained(env)
+  result = json.loads((workdir / 'eval.json').read_text())
+  assert set(result) >= {'mpjpe', 'p_mpjpe', 'mpjve', 'per_action'}
+  preds = np.load(workdir / 'predictions.npz')
+  # eval.json is the official aggregation of the saved predictions.
+  again = evaluate.evaluate_h36m(preds['pred'], preds['gt'], preds['action'], preds['subaction'])
+  np.testing.assert_allclose(result['mpjpe'], again['mpjpe'], rtol=1e-6)
+  assert len(preds['pred']) == 64  # every validation example exactly once
+  mean_pose = np.broadcast_to(preds['gt'].mean(0), preds['gt'].shape)
+  baseline = evaluate.evaluate_h36m(mean_pose, preds['gt'], preds['action'],
+                                    preds['subaction'])['mpjpe']
+  print(f'val MPJPE {result["mpjpe"]:.1f} mm, mean-pose baseline {baseline:.1f} mm')
+  assert result['mpjpe'] < 0.8 * baseline
+  # The run printed the table.
+  assert 'Average' in proc.stdout and 'Directions' in proc.stdout
+
+  eval_dir = env['root'] / 'eval_only'
+  _run(env, eval_dir, '--config.eval_only=True', f'--config.init_from={workdir}')
+  reproduced = json.loads((eval_dir / 'eval.json').read_text())
+  for key in ('mpjpe', 'p_mpjpe', 'mpjve'):
+    np.testing.assert_allclose(reproduced[key], result[key], rtol=1e-6)
+  for action, v in result['per_action'].items():
+    assert reproduced['per_action'][action]['frames'] == v['frames']
+
+
+def test_killed_run_resumes_to_identical_parameters(env):
+  workdir, _ = _trained(env)
+  interrupted = env['root'] / 'interrupted'
+  proc = subprocess.Popen(_cmd(env, interrupted), env=env['environ'], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # Kill it (no clean shutdown) once a mid-run checkpoint has been committed.
+  ckpt = interrupted / 'checkpoints' / '8'
+  deadline = time.time() + 600
+  while not (ckpt / '_CHECKPOINT_METADATA').exists():
+    assert proc.poll() is None, 'run ended before its first checkpoint'
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (interrupted / 'eval.json').exists(), 'the run finished before the kill'
+
+  _run(env, interrupted)
+  step_a, resumed = _latest_state(interrupted)
+  step_b, reference = _latest_state(workdir)
+  assert step_a == step_b == 32
+  flat_a = _flat(resumed)
+  flat_b = _flat(reference)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_b:
+    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+  a = json.loads((interrupted / 'eval.json').read_text())
+  b = json.loads((workdir / 'eval.json').read_text())
+  assert a['mpjpe'] == b['mpjpe']
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      out.update(_flat(v, f'{prefix}/{k}'))
+  elif isinstance(tree, (list, tuple)):
+    for i, v in enumerate(tree):
+      out.update(_flat(v, f'{prefix}/{i}'))
+  elif tree is not None:
+    out[prefix] = np.asarray(tree)
+  return out
