@@ -23,7 +23,6 @@ from contextpose_jax import skeleton
 from contextpose_jax.api import Predictor
 from contextpose_jax.models import capf
 from contextpose_jax.torch_reference import capf as ref_capf
-from contextpose_jax.torch_reference.common import randomize_
 from weights_conversion import convert
 
 ATOL = 1e-4
@@ -37,19 +36,6 @@ def _inputs(seed, batch=2):
   # Crop keypoints mostly inside the crop, some just outside (zeros padding).
   crop = (rng.uniform(-0.05, 1.05, (batch, 17, 2)) * [191, 255]).astype(np.float32)
   return images, kp2d, crop
-
-
-def _random_capf(backbone, dataset, seed):
-  torch.manual_seed(seed)
-  model = ref_capf.CAPF(backbone, dataset).eval()
-  images = torch.tensor(_inputs(seed, 1)[0]).permute(0, 3, 1, 2)
-  randomize_(model.backbone, seed, example_inputs=(images,))
-  randomize_(model.volume_net, seed + 1)
-  with torch.no_grad():
-    for name, p in model.volume_net.named_parameters():
-      if "sampling_offsets.weight" in name:
-        p.mul_(0.25)  # offsets of a few pixels, as trained models learn
-  return model
 
 
 def _torch_outputs(model, images, kp2d, crop, dtype=torch.float32):
@@ -79,7 +65,7 @@ def _run_cli(*args):
 def converted(request, tmp_path_factory):
   backbone, dataset = request.param
   tmp = tmp_path_factory.mktemp(f"{backbone}_{dataset}")
-  model = _random_capf(backbone, dataset, seed=len(backbone) + len(dataset))
+  model = ref_capf.random_capf(backbone, dataset, seed=len(backbone) + len(dataset))
   if dataset == "h36m":
     capf_file = tmp / f"best_epoch_{backbone}.bin"
     ref_capf.save_capf_h36m(model, capf_file)

@@ -7,9 +7,11 @@ the released checkpoints, so the converter is tested on what users download.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from contextpose_jax.torch_reference.common import randomize_
 from contextpose_jax.torch_reference.cpn import CPN
 from contextpose_jax.torch_reference.hrnet import PoseHighResolutionNet
 from contextpose_jax.torch_reference.lifter import PoseTransformer
@@ -50,6 +52,26 @@ class CAPF(nn.Module):
     ref = keypoints_2d_crop[..., :2] / torch.tensor([96.0, 128.0]) - 1.0
     features = self.backbone(images)
     return self.volume_net(keypoints_2d, ref, list(features))
+
+
+def random_capf(backbone: str = "hrnet_32", dataset: str = "h36m", seed: int = 0,
+                **kwargs) -> CAPF:
+  """An eval-mode ``CAPF`` with random weights that exercise every number.
+
+  Backbone BatchNorm statistics are calibrated on one random batch (random
+  statistics would blow up a deep net); deformable offsets are scaled to move
+  samples by a few pixels, as trained models do. ``kwargs`` go to ``CAPF``.
+  """
+  torch.manual_seed(seed)
+  model = CAPF(backbone, dataset, **kwargs).eval()
+  images = np.random.default_rng(seed).normal(size=(1, 3, 256, 192)).astype(np.float32)
+  randomize_(model.backbone, seed, example_inputs=(torch.from_numpy(images),))
+  randomize_(model.volume_net, seed + 1)
+  with torch.no_grad():
+    for name, p in model.volume_net.named_parameters():
+      if "sampling_offsets.weight" in name:
+        p.mul_(0.25)
+  return model
 
 
 def _capf_weights(model: CAPF) -> dict:
