@@ -17,10 +17,10 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.model.backbone = 'hrnet_32'
-  config.model.backbone_kwargs.width = 8
+  config.model.backbone_kwargs.width = 4
   config.model.backbone_kwargs.stage_modules = (1, 1, 1)
   config.model.backbone_kwargs.num_blocks = 1
-  config.model.backbone_kwargs.stem_channels = 16
+  config.model.backbone_kwargs.stem_channels = 8
   config.model.backbone_kwargs.layer1_blocks = 1
   config.model.train_backbone = True
   config.model.embed_dim = 32
@@ -30,13 +30,13 @@ def get_config():
   config.data.name = 'synthetic_human36m'
   config.data.build_if_missing = True
   config.data.num_workers = 2
-  config.data.synthetic = dict(num_train=8192, num_validation=2048, frames_per_video=64,
+  config.data.synthetic = dict(num_train=8192, num_validation=1024, frames_per_video=64,
                                seed=0)
   config.batch_size = 32
   config.data.eval_batch_size = 128
-  config.learning_rate = 1e-3
+  config.learning_rate = 2e-3
   config.lr_decay = 0.95
-  config.num_epochs = 3
+  config.num_epochs = 1
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
   return config

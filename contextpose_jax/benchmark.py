@@ -1,7 +1,7 @@
 r"""JAX vs the PyTorch reference modules, side by side, on this machine.
 
     python -m contextpose_jax.benchmark                   # everything
-    python -m contextpose_jax.benchmark --quick           # a few minutes on 2 cores
+    python -m contextpose_jax.benchmark --quick           # ~6 minutes on 2 cores
     python -m contextpose_jax.benchmark --rows=model,fold --backbones=hrnet_32 \
         --batch_sizes=1,8 --json=bench.json
 
@@ -12,7 +12,7 @@ calls, with device synchronisation (``block_until_ready``; torch runs under
             size: JAX fp32, JAX bf16 (backbone compute in bfloat16) and torch
             fp32 (``torch_reference.capf.CAPF``), same weights, same inputs;
   fold      the same with BatchNorm folded into the backbone convolutions
-            (``fold_batch_norm``), JAX fp32 / bf16;
+            (``predict.fold_batch_norm``), JAX fp32 / bf16;
   train     one lifter train step, frozen backbone (features precomputed):
             jitted value_and_grad + optax AdamW vs torch backward + AdamW;
   sampler   the context sampler alone (the deformable blocks' sampling of the
@@ -42,6 +42,9 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+# BatchNorm folding lives with inference (predict.py), where it is used.
+from contextpose_jax.predict import apply_folded, find_conv_bn_pairs, fold_batch_norm  # pylint: disable=g-bad-import-order,wrong-import-position
 
 ALL_ROWS = ("model", "fold", "train", "sampler", "pipeline")
 BACKBONES = ("hrnet_32", "hrnet_48", "cpn")
@@ -172,125 +175,6 @@ def _max_diff(a, b) -> float:
   a = [np.asarray(x, np.float64) for x in (a if isinstance(a, (list, tuple)) else [a])]
   b = [np.asarray(x, np.float64) for x in (b if isinstance(b, (list, tuple)) else [b])]
   return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
-
-
-# ----------------------------------------------------------------------------
-# BatchNorm folding for the frozen backbone.
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvBN:
-  conv: tuple[str, ...]   # module path of a bias-free conv
-  bn: tuple[str, ...]     # module path of the BatchNorm applied to its output
-  epsilon: float
-
-
-def _module_path(module) -> tuple[str, ...]:
-  return tuple(module.scope.path)
-
-
-def find_conv_bn_pairs(model, variables, *args, **kwargs) -> list[ConvBN]:
-  """Every BatchNorm whose input is, as traced, the output of a bias-free conv.
-
-  Found by tracing ``model.apply(variables, *args)`` abstractly (no compute),
-  so the pairing follows the real data flow, not the module names.
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  pairs = []
-  last = {}
-
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    out = next_fun(*call_args, **call_kwargs)
-    if context.method_name != "__call__":
-      return out
-    module = context.module
-    if isinstance(module, nn.Conv) and not module.use_bias:
-      last["conv"], last["out"] = _module_path(module), out
-    elif isinstance(module, nn.BatchNorm) and module.use_running_average:
-      if call_args and last.get("out") is call_args[0]:
-        pairs.append(ConvBN(last["conv"], _module_path(module), float(module.epsilon)))
-    return out
-
-  def trace(v, *a):
-    with nn.intercept_methods(interceptor):
-      return model.apply(v, *a, **kwargs)
-  jax.eval_shape(trace, variables, *args)
-  return pairs
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _without(tree, path):
-  """A copy of nested dict ``tree`` without the entry at ``path``."""
-  tree = dict(tree)
-  if len(path) == 1:
-    tree.pop(path[0], None)
-  else:
-    tree[path[0]] = _without(tree[path[0]], path[1:])
-    if not tree[path[0]]:
-      del tree[path[0]]
-  return tree
-
-
-def _with(tree, path, value):
-  tree = dict(tree)
-  tree[path[0]] = value if len(path) == 1 else _with(tree.get(path[0], {}), path[1:], value)
-  return tree
-
-
-def fold_batch_norm(variables, pairs: Sequence[ConvBN]):
-  """Variables with each BatchNorm of ``pairs`` folded into its conv (pure).
-
-  Inference-mode BN is per-channel affine: ``(y - mean) * g / sqrt(var + eps)
-  + b``; folded, the conv kernel is scaled by ``s = g / sqrt(var + eps)`` on
-  its output axis and gets the bias ``b - mean * s``. Computed in float64.
-  The folded BNs' params and statistics are dropped; run the result with
-  ``apply_folded``.
-  """
-  params = variables["params"]
-  stats = variables.get("batch_stats", {})
-  for pair in pairs:
-    kernel = np.asarray(_get(params, pair.conv)["kernel"], np.float64)
-    bn = _get(params, pair.bn)
-    mean = np.asarray(_get(stats, pair.bn)["mean"], np.float64)
-    var = np.asarray(_get(stats, pair.bn)["var"], np.float64)
-    s = np.asarray(bn["scale"], np.float64) / np.sqrt(var + pair.epsilon)
-    params = _with(params, pair.conv, {
-        "kernel": (kernel * s).astype(np.float32),
-        "bias": (np.asarray(bn["bias"], np.float64) - mean * s).astype(np.float32)})
-    params = _without(params, pair.bn)
-    stats = _without(stats, pair.bn)
-  out = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
-  out["params"] = params
-  if stats:
-    out["batch_stats"] = stats
-  return out
-
-
-def apply_folded(model, folded_variables, *args, pairs: Sequence[ConvBN], **kwargs):
-  """``model.apply`` with the folded convs adding their bias and their BNs skipped."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  convs = {p.conv for p in pairs}
-  bns = {p.bn for p in pairs}
-
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    if context.method_name == "__call__":
-      path = _module_path(context.module)
-      if path in bns:
-        return call_args[0]
-      if path in convs:
-        y = next_fun(*call_args, **call_kwargs)
-        return y + context.module.get_variable("params", "bias").astype(y.dtype)
-    return next_fun(*call_args, **call_kwargs)
-
-  with nn.intercept_methods(interceptor):
-    return model.apply(folded_variables, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -704,8 +588,8 @@ def parse_args(argv):
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
   p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
   p.add_argument("--quick", action="store_true",
-                 help="hrnet_32 only, batch sizes 1,4, train/sampler batch 32, "
-                 "3 repeats, 1 warm-up, a short pipeline run")
+                 help="hrnet_32 only, full-model batch 2, train / sampler batch 16, "
+                 "3 repeats, 1 warm-up, a short pipeline run (a few minutes on 2 cores)")
   p.add_argument("--compilation_cache", default=None,
                  help="a persistent JAX compilation cache directory (reruns skip "
                  "compilation)")
@@ -716,8 +600,8 @@ def parse_args(argv):
   p.add_argument("--json", default=None, help="also write the rows and machine here")
   args = p.parse_args(argv)
   if args.quick:
-    args.backbones, args.batch_sizes = "hrnet_32", "1,4"
-    args.train_batch = args.sampler_batch = 32
+    args.backbones, args.batch_sizes = "hrnet_32", "2"
+    args.train_batch = args.sampler_batch = 16
     args.repeats, args.warmup = 3, 1
     args.pipeline_batch, args.pipeline_batches = 64, 10
   args.rows = [r for r in args.rows.split(",") if r]

@@ -16,11 +16,15 @@ Each example is built as the training data is (``data_prep/crop.py``): the
 official (center, scale) affine warp to 192x256, ``keypoints_2d`` normalized
 by the full image size (``X / w * 2 - [1, h / w]``), ``keypoints_2d_crop``
 through the same affine, and the crop normalized for the checkpoint's
-backbone.
+backbone. The frozen backbone's BatchNorms are folded into its convolutions at
+load time (``FoldedPredictor``; ``--no-fold_batch_norm`` to keep them): the
+same numbers up to float rounding, and faster (docs/benchmarks.md).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -31,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from contextpose_jax import skeleton
+from contextpose_jax.api import Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -257,6 +262,157 @@ def read_image(path: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
+# BatchNorm folding: the frozen backbone, folded at load time.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBN:
+  conv: tuple[str, ...]   # module path of a bias-free conv
+  bn: tuple[str, ...]     # module path of the BatchNorm applied to its output
+  epsilon: float
+
+
+def _module_path(module) -> tuple[str, ...]:
+  return tuple(module.scope.path)
+
+
+def find_conv_bn_pairs(model, variables, *args, **kwargs) -> list[ConvBN]:
+  """Every BatchNorm whose input is, as traced, the output of a bias-free conv.
+
+  Found by tracing ``model.apply(variables, *args)`` abstractly (no compute),
+  so the pairing follows the real data flow, not the module names.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  pairs = []
+  last = {}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
+    if context.method_name != "__call__":
+      return out
+    module = context.module
+    if isinstance(module, nn.Conv) and not module.use_bias:
+      last["conv"], last["out"] = _module_path(module), out
+    elif isinstance(module, nn.BatchNorm) and module.use_running_average:
+      # A conv feeding two BNs (none here) cannot absorb both: fold the first.
+      if (call_args and last.get("out") is call_args[0]
+          and all(p.conv != last["conv"] for p in pairs)):
+        pairs.append(ConvBN(last["conv"], _module_path(module), float(module.epsilon)))
+    return out
+
+  def trace(v, *a):
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, *a, **kwargs)
+  jax.eval_shape(trace, variables, *args)
+  return pairs
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _without(tree, path):
+  """A copy of nested dict ``tree`` without the entry at ``path``."""
+  tree = dict(tree)
+  if len(path) == 1:
+    tree.pop(path[0], None)
+  else:
+    tree[path[0]] = _without(tree[path[0]], path[1:])
+    if not tree[path[0]]:
+      del tree[path[0]]
+  return tree
+
+
+def _with(tree, path, value):
+  tree = dict(tree)
+  tree[path[0]] = value if len(path) == 1 else _with(tree.get(path[0], {}), path[1:], value)
+  return tree
+
+
+def fold_batch_norm(variables, pairs: Sequence[ConvBN]):
+  """Variables with each BatchNorm of ``pairs`` folded into its conv (pure).
+
+  Inference-mode BN is per-channel affine: ``(y - mean) * g / sqrt(var + eps)
+  + b``; folded, the conv kernel is scaled by ``s = g / sqrt(var + eps)`` on
+  its output axis and gets the bias ``b - mean * s``. Computed in float64.
+  The folded BNs' params and statistics are dropped; run the result with
+  ``apply_folded``.
+  """
+  params = variables["params"]
+  stats = variables.get("batch_stats", {})
+  for pair in pairs:
+    kernel = np.asarray(_get(params, pair.conv)["kernel"], np.float64)
+    bn = _get(params, pair.bn)
+    mean = np.asarray(_get(stats, pair.bn)["mean"], np.float64)
+    var = np.asarray(_get(stats, pair.bn)["var"], np.float64)
+    s = np.asarray(bn["scale"], np.float64) / np.sqrt(var + pair.epsilon)
+    params = _with(params, pair.conv, {
+        "kernel": (kernel * s).astype(np.float32),
+        "bias": (np.asarray(bn["bias"], np.float64) - mean * s).astype(np.float32)})
+    params = _without(params, pair.bn)
+    stats = _without(stats, pair.bn)
+  out = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+  out["params"] = params
+  if stats:
+    out["batch_stats"] = stats
+  return out
+
+
+def apply_folded(model, folded_variables, *args, pairs: Sequence[ConvBN], **kwargs):
+  """``model.apply`` with the folded convs adding their bias and their BNs skipped."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  convs = {p.conv for p in pairs}
+  bns = {p.bn for p in pairs}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    if context.method_name == "__call__":
+      path = _module_path(context.module)
+      if path in bns:
+        return call_args[0]
+      if path in convs:
+        y = next_fun(*call_args, **call_kwargs)
+        return y + context.module.get_variable("params", "bias").astype(y.dtype)
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(interceptor):
+    return model.apply(folded_variables, *args, **kwargs)
+
+@dataclasses.dataclass
+class FoldedPredictor(Predictor):
+  """A ``Predictor`` whose backbone BatchNorms are folded into the convs.
+
+  Same ``predict`` / ``features`` (input checks, flip test) and, up to float
+  rounding, the same numbers; faster on CPU (docs/benchmarks.md: the
+  unfolded BatchNorm is an extra pass over every activation).
+  """
+  pairs: tuple = ()
+
+  @classmethod
+  def fold(cls, predictor: Predictor) -> "FoldedPredictor":
+    from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
+    pairs = tuple(find_conv_bn_pairs(predictor.model, predictor.variables,
+                                     *capf.dummy_inputs(1)))
+    return cls(predictor.model, fold_batch_norm(predictor.variables, pairs),
+               predictor.model_config, pairs)
+
+  @functools.cached_property
+  def _features_fn(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
+    return jax.jit(lambda v, x: apply_folded(self.model, v, x, pairs=self.pairs,
+                                             method=capf.CAPF.features))
+
+  @functools.cached_property
+  def _predict_fn(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.jit(lambda v, x, k, c: apply_folded(self.model, v, x, k, c, pairs=self.pairs))
+
+
+# ----------------------------------------------------------------------------
 # Frames: pairing images with keypoints.
 # ----------------------------------------------------------------------------
 
@@ -410,11 +566,12 @@ def run(args) -> str:
   if args.bbox is not None:
     boxes = np.broadcast_to(parse_bbox(args.bbox), (len(keypoints), 4))
 
-  from contextpose_jax.api import Predictor  # pylint: disable=g-import-not-at-top
   predictor = Predictor.load(args.checkpoint)
   if not predictor.has_lifter:
     raise InputError(f"{args.checkpoint}: holds only a backbone; convert a CA-PF "
                      "checkpoint (--kind=capf) to predict 3D poses")
+  if args.fold_batch_norm:
+    predictor = FoldedPredictor.fold(predictor)
   result = predict_frames(predictor, image_paths, keypoints, boxes,
                           flip_test=args.flip_test, batch_size=args.batch_size,
                           keypoint_box_enlarge=args.keypoint_box_enlarge)
@@ -449,6 +606,9 @@ def parse_args(argv):
   parser.add_argument("--elev", type=float, default=15.0, help="3D view elevation (degrees)")
   parser.add_argument("--azim", type=float, default=-70.0, help="3D view azimuth (degrees)")
   parser.add_argument("--batch_size", type=int, default=8, help="frames per model call")
+  parser.add_argument("--fold_batch_norm", action=argparse.BooleanOptionalAction,
+                      default=True, help="fold the backbone's BatchNorms into its convs "
+                      "at load time (same numbers up to rounding; faster)")
   return parser.parse_args(argv)
 
 

@@ -23,8 +23,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 from flax import struct
 import jax
@@ -220,9 +218,10 @@ def _check_same_structure(expected, got, what: str):
   for path, leaf in e:
     if path not in g:
       raise ValueError(f'{what}: missing {jax.tree_util.keystr(path)}')
-    if tuple(np.shape(g[path])) != tuple(np.shape(leaf)):
+    want = tuple(getattr(leaf, 'shape', None) or np.shape(leaf))
+    if tuple(np.shape(g[path])) != want:
       raise ValueError(f'{what}: {jax.tree_util.keystr(path)} has shape '
-                       f'{np.shape(g[path])}, the model expects {np.shape(leaf)}')
+                       f'{np.shape(g[path])}, the model expects {want}')
   if len(g) != len(e):
     extra = set(g) - {p for p, _ in e}
     raise ValueError(f'{what}: unexpected {sorted(jax.tree_util.keystr(p) for p in extra)[:5]}')
@@ -371,6 +370,13 @@ def dataset_kind(config) -> str:
   return config.model.dataset
 
 
+def check_dataset_matches_model(config):
+  data_kind = '3dhp' if config.data.name == 'mpi_inf_3dhp' else 'h36m'
+  if data_kind != config.model.dataset:
+    raise ValueError(f'config.data.name={config.data.name!r} needs model.dataset='
+                     f'{data_kind!r}, got {config.model.dataset!r}')
+
+
 def predict_split(config, variables, model, mesh, split: str | None = None) -> dict:
   """Predictions + ground truth + metadata for every example of `split`,
   gathered on every host, padding removed, in dataset order."""
@@ -429,17 +435,20 @@ def save_predictions(path: str, preds: Mapping[str, np.ndarray]):
   os.replace(tmp, path)
 
 
-def run_evaluation(config, variables, model, mesh, workdir: str | None, *,
-                   final: bool) -> dict:
-  """Evaluates on the eval split; when `final`, writes eval.json (+ npz)."""
+def run_evaluation(config, variables, model, mesh):
+  """(metrics, predictions) on the eval split."""
   preds = predict_split(config, variables, model, mesh)
-  result = compute_metrics(config, preds)
-  if final and workdir and jax.process_index() == 0:
-    evaluate.write_json(os.path.join(workdir, EVAL_FILE), result)
-    if config.save_predictions:
-      save_predictions(os.path.join(workdir, PREDICTIONS_FILE), preds)
-    print(evaluate.format_table(result), flush=True)
-  return result
+  return compute_metrics(config, preds), preds
+
+
+def write_evaluation(config, workdir: str, result: Mapping, preds: Mapping):
+  """WORKDIR/eval.json (+ predictions.npz) and the table on stdout."""
+  if jax.process_index() != 0:
+    return
+  evaluate.write_json(os.path.join(workdir, EVAL_FILE), result)
+  if config.save_predictions:
+    save_predictions(os.path.join(workdir, PREDICTIONS_FILE), preds)
+  print(evaluate.format_table(result), flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -558,13 +567,15 @@ def evaluate_only(config, workdir: str) -> dict:
     model_config['backbone_dtype'] = config.model.backbone_dtype
     config.model = ml_collections.ConfigDict(model_config)
   os.makedirs(workdir, exist_ok=True)
+  check_dataset_matches_model(config)
   ensure_dataset(config)
   mesh = make_mesh()
   model = capf.build_model(config.model)
-  _check_same_structure(
-      jax.tree.map(np.shape, capf.variable_shapes(model)['params']),
-      variables['params'], f'config.init_from={config.init_from}: params')
-  return run_evaluation(config, variables, model, mesh, workdir, final=True)
+  _check_same_structure(capf.variable_shapes(model)['params'], variables['params'],
+                        f'config.init_from={config.init_from}: params')
+  result, preds = run_evaluation(config, variables, model, mesh)
+  write_evaluation(config, workdir, result, preds)
+  return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -573,6 +584,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.eval_only:
     return evaluate_only(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  check_dataset_matches_model(config)
   _write_config(config, workdir)
   ensure_dataset(config)
   mesh = make_mesh()
@@ -595,8 +607,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variables = loaded
   elif config.model.use_context and not config.model.train_backbone:
     logging.warning('No config.backbone_init: training on a RANDOM frozen backbone.')
-  if (config.model.use_context and config.model.train_backbone and not config.backbone_init
-      and not config.init_from and config.backbone_scratch_init == 'he'):
+  if (config.model.use_context and not config.backbone_init and not config.init_from
+      and config.backbone_scratch_init == 'he'):
     variables = he_init_backbone(variables, config.seed + 2)
   state = create_train_state(config, model, variables, tx)
   state = jax.device_put(state, replicated(mesh))
@@ -608,6 +620,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = jax.device_put(restored, replicated(mesh))
     logging.info('Resumed from %s at step %d', ckpts.latest.directory, int(state.step))
   best_mpjpe = meta.get('best_mpjpe', float('inf'))
+  # clu's writers import TensorFlow (TensorBoard files): only for training runs.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  best_eval = None  # (step, metrics, predictions) of a best found in this run
   start_step = int(state.step)
 
   writer = metric_writers.create_default_writer(
@@ -645,7 +660,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     epoch_end = done % spe == 0
     epoch = done // spe
     if epoch_end and (epoch % config.eval_every_epochs == 0 or done == num_steps):
-      result = run_evaluation(config, state.variables(), model, mesh, workdir, final=False)
+      result, preds = run_evaluation(config, state.variables(), model, mesh)
       writer.write_scalars(done, {'eval/mpjpe': result['mpjpe'],
                                   **({'eval/p_mpjpe': result['p_mpjpe']}
                                      if 'p_mpjpe' in result else {}),
@@ -655,19 +670,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if result['mpjpe'] < best_mpjpe:
         best_mpjpe = result['mpjpe']
         ckpts.save_best(state, {'step': done, 'epoch': epoch, 'mpjpe': best_mpjpe})
+        best_eval = (done, result, preds)
     if done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps:
       ckpts.save_latest(state, {'step': done, 'best_mpjpe': best_mpjpe,
                                 'nan_count': int(state.nan_count)})
   ckpts.wait()
   writer.flush()
 
-  # Final: evaluate the best checkpoint (the latest if none was evaluated).
-  if ckpts.best.latest_step() is not None:
-    variables, _ = load_eval_variables(workdir)
+  # Final: evaluate the best checkpoint (the latest if none was evaluated);
+  # a best found in this run was just evaluated with the same variables.
+  best_step = ckpts.best.latest_step()
+  if best_eval is not None and best_eval[0] == best_step:
+    result, preds = best_eval[1], best_eval[2]
   else:
-    variables = state.variables()
+    variables = load_eval_variables(workdir)[0] if best_step is not None else state.variables()
+    result, preds = run_evaluation(config, variables, model, mesh)
   ckpts.close()
-  result = run_evaluation(config, variables, model, mesh, workdir, final=True)
+  write_evaluation(config, workdir, result, preds)
   writer.write_scalars(num_steps, {'final/mpjpe': result['mpjpe']})
   writer.close()
   return result

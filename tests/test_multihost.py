@@ -33,6 +33,7 @@ _WORKER = textwrap.dedent('''
 
     config = tiny_test.get_config()
     config.data.data_dir = data_dir
+    config.model.train_backbone = True  # BatchNorm statistics over the global batch
     config.data.flip_per_example = True  # flips differ across the hosts' rows
     config.eps = 1e-3  # Adam would blow float noise of near-0 gradients up to +-lr
     mesh = train.make_mesh()
@@ -85,8 +86,8 @@ def test_two_processes_equal_one(tmp_path):
   from configs import tiny_test
   from data_prep import synthetic
   data_dir = tmp_path / 'data'
-  synthetic.build(str(data_dir), log=lambda *a: None,
-                  **tiny_test.get_config().data.synthetic.to_dict())
+  options = dict(tiny_test.get_config().data.synthetic.to_dict(), num_train=128)
+  synthetic.build(str(data_dir), log=lambda *a: None, **options)
   script = tmp_path / 'worker.py'
   script.write_text(_WORKER.format(repo=REPO, steps=NUM_STEPS))
   env = dict(os.environ, JAX_PLATFORMS='cpu')

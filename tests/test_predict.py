@@ -4,7 +4,9 @@ A reduced official-layout PyTorch CA-PF (random weights, calibrated BatchNorm)
 is converted and saved like the converter does; the CLI's written 3D joints
 are compared with ``Predictor.predict`` and with the torch model on inputs
 built here by hand: the official affine written out as a formula, the crop
-warped with it by OpenCV, the backbone normalisation written out.
+warped with it by OpenCV, the backbone normalisation written out. The CLI
+folds the backbone's BatchNorms into its convs (by default); the folding is
+checked against torch's ``fuse_conv_bn_eval`` and the unfolded model.
 """
 import json
 import os
@@ -12,11 +14,13 @@ import subprocess
 import sys
 
 import cv2
+import flax.linen as nn
 import ml_collections
 import numpy as np
 import pytest
 import torch
 
+from contextpose_jax import benchmark
 from contextpose_jax import predict
 from contextpose_jax import visualize
 from contextpose_jax.api import Predictor
@@ -30,6 +34,8 @@ SMALL_HRNET = dict(width=8, stage_modules=[1, 1, 1], num_blocks=1, stem_channels
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 IMAGE_H, IMAGE_W = 360, 480
+SMALL_BACKBONES = {"hrnet_32": SMALL_HRNET,
+                   "cpn": dict(resnet_layers=[1, 1, 1, 1], width=8, lateral_channels=16)}
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +223,71 @@ def test_box_from_keypoints_frames_the_person(checkpoint, tmp_path):
 def test_square_box_keeps_official_boxes():
   np.testing.assert_array_equal(predict.square_box([10, 20, 110, 100]), [10, 10, 110, 110])
   np.testing.assert_array_equal(predict.square_box([10, 20, 50, 100]), [-10, 20, 70, 100])
+
+
+def test_every_backbone_batch_norm_is_folded():
+  """Pair discovery finds every BatchNorm of the (reduced) backbones, and the
+  folded variables keep no BatchNorm at all."""
+  for backbone in ("hrnet_32", "cpn"):
+    torch_model, variables, config = benchmark.build_models(
+        backbone, backbone_kwargs=SMALL_BACKBONES[backbone], embed_dim=32, depth=1)
+    model = capf.build_model(config)
+    pairs = predict.find_conv_bn_pairs(model, variables, *capf.dummy_inputs(1))
+    # Official CPN's GlobalNet.predict / RefineNet.final_predict heads are not
+    # part of the backbone's forward (their BNs are not in the Flax model).
+    used = [n for n, m in torch_model.backbone.named_modules()
+            if isinstance(m, torch.nn.BatchNorm2d)
+            and not n.startswith(("global_net.predict", "refine_net.final_predict"))]
+    assert len(pairs) == len(used) > 10
+    folded = predict.fold_batch_norm(variables, pairs)
+    assert "batch_stats" not in folded
+    assert all(p.bn[0] == "backbone" for p in pairs)
+
+
+def test_fold_equals_torch_fuse_conv_bn_eval():
+  """The folding arithmetic against torch's own conv-BN fusion."""
+  conv = torch.nn.Conv2d(5, 7, 3, 2, 1, bias=False)
+  bn = torch.nn.BatchNorm2d(7, eps=1e-5)
+  randomize_(torch.nn.Sequential(conv, bn), 0)
+  fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+  class ConvThenBN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(7, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                  name="conv")(x)
+      return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn")(x)
+  t = lambda x: x.detach().numpy()
+  variables = {"params": {"conv": {"kernel": t(conv.weight).transpose(2, 3, 1, 0)},
+                          "bn": {"scale": t(bn.weight), "bias": t(bn.bias)}},
+               "batch_stats": {"bn": {"mean": t(bn.running_mean), "var": t(bn.running_var)}}}
+  x = np.random.default_rng(0).normal(size=(2, 9, 9, 5)).astype(np.float32)
+  pairs = predict.find_conv_bn_pairs(ConvThenBN(), variables, x)
+  assert pairs == [predict.ConvBN(("conv",), ("bn",), 1e-5)]
+  folded = predict.fold_batch_norm(variables, pairs)
+  np.testing.assert_allclose(folded["params"]["conv"]["kernel"],
+                             t(fused.weight).transpose(2, 3, 1, 0), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(folded["params"]["conv"]["bias"], t(fused.bias),
+                             rtol=1e-6, atol=1e-7)
+  got = predict.apply_folded(ConvThenBN(), folded, x, pairs=pairs)
+  want = fused(torch.tensor(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+  np.testing.assert_allclose(got, t(want), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_predictor_equals_predictor(checkpoint):
+  directory, _ = checkpoint
+  plain = Predictor.load(str(directory))
+  folded = predict.FoldedPredictor.fold(plain)
+  assert "batch_stats" not in folded.variables and len(folded.pairs) > 10
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(2, 256, 192, 3)).astype(np.float32)
+  kp2d = rng.uniform(-1, 1, (2, 17, 2)).astype(np.float32)
+  crop = (rng.uniform(0, 1, (2, 17, 2)) * [191, 255]).astype(np.float32)
+  for got, want in zip(folded.features(images), plain.features(images)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  np.testing.assert_allclose(folded.predict(images, kp2d, crop, flip_test=True),
+                             plain.predict(images, kp2d, crop, flip_test=True),
+                             rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["no_image", "joints", "box_outside", "box_empty",

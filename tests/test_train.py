@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import torch
 
 from contextpose_jax import train
 from contextpose_jax.models import capf
@@ -55,6 +54,8 @@ def _setup(config, mesh):
   images = jnp.zeros((1, 64, 64, 3))
   kp = jnp.zeros((1, 17, 2))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, kp, kp)
+  if config.model.train_backbone:  # from scratch, as train_and_evaluate does
+    variables = train.he_init_backbone(variables, 0)
   state = train.create_train_state(config, model, variables, tx)
   state = jax.device_put(state, train.replicated(mesh))
   step = train.make_train_step(model, tx, train.learning_rate_fn(config, 2), mesh,
@@ -63,6 +64,7 @@ def _setup(config, mesh):
 
 
 def test_adamw_and_epoch_schedule_match_torch():
+  import torch  # here: the multi-device subprocess imports this module
   config = ml_collections.ConfigDict(dict(
       learning_rate=1e-2, lr_decay=0.5, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=0.5))
@@ -181,14 +183,9 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
         assert len(gb['image'].sharding.device_set) == len(devices)
         state, m = step(state, gb)
         losses.append(float(m['loss']))
-      predict = train.make_predict_step(model, mesh, 'h36m', True)
-      eb = dict(batches[0])
-      eb.update(image_flip=np.ascontiguousarray(eb['image'][:, :, ::-1]), keypoints_2d_flip=eb['keypoints_2d'],
-                keypoints_2d_crop_flip=eb['keypoints_2d_crop'])
-      pred = predict(state.variables(), train.global_batch(eb, mesh))
       assert len(state.params['lifter']['head_1']['kernel'].sharding.device_set) == len(devices)
       print(name, 'seconds', time.time() - t0, file=sys.stderr)
-      out[name] = dict(losses=losses, grad_norm=float(m['grad_norm']), pred=np.asarray(pred).tolist(),
+      out[name] = dict(losses=losses, grad_norm=float(m['grad_norm']),
                        params=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(
                            jax.device_get(state.variables()))])
     print('RESULT' + json.dumps(out))
@@ -209,7 +206,6 @@ def test_four_device_step_equals_one_device_step(tmp_path):
   print(proc.stderr[-500:])
   np.testing.assert_allclose(four['losses'], one['losses'], rtol=1e-5)
   np.testing.assert_allclose(four['grad_norm'], one['grad_norm'], rtol=1e-4)
-  np.testing.assert_allclose(four['pred'], one['pred'], rtol=1e-4, atol=1e-6)
   assert len(four['params']) == len(one['params'])
   for a, b in zip(four['params'], one['params']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

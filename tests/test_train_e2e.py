@@ -90,6 +90,19 @@ def test_training_beats_mean_pose_and_eval_only_reproduces(env):
   for action, v in result['per_action'].items():
     assert reproduced['per_action'][action]['frames'] == v['frames']
 
+  # The same variables as a converter output directory (orbax + model_config.json).
+  from contextpose_jax import train
+  from contextpose_jax.models import capf
+  import ml_collections
+  variables, model_config = train.load_eval_variables(str(workdir))
+  converted = env['root'] / 'converted'
+  capf.save_variables(str(converted), variables, ml_collections.ConfigDict(model_config))
+  eval_dir = env['root'] / 'eval_converted'
+  _run(env, eval_dir, '--config.eval_only=True', f'--config.init_from={converted}')
+  reproduced = json.loads((eval_dir / 'eval.json').read_text())
+  for key in ('mpjpe', 'p_mpjpe', 'mpjve'):
+    np.testing.assert_allclose(reproduced[key], result[key], rtol=1e-6)
+
 
 def test_killed_run_resumes_to_identical_parameters(env):
   workdir, _ = _trained(env)
@@ -97,7 +110,7 @@ def test_killed_run_resumes_to_identical_parameters(env):
   proc = subprocess.Popen(_cmd(env, interrupted), env=env['environ'], cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   # Kill it (no clean shutdown) once a mid-run checkpoint has been committed.
-  ckpt = interrupted / 'checkpoints' / '8'
+  ckpt = interrupted / 'checkpoints' / '32'
   deadline = time.time() + 600
   while not (ckpt / '_CHECKPOINT_METADATA').exists():
     assert proc.poll() is None, 'run ended before its first checkpoint'
@@ -110,7 +123,7 @@ def test_killed_run_resumes_to_identical_parameters(env):
   _run(env, interrupted)
   step_a, resumed = _latest_state(interrupted)
   step_b, reference = _latest_state(workdir)
-  assert step_a == step_b == 32
+  assert step_a == step_b == 128
   flat_a = _flat(resumed)
   flat_b = _flat(reference)
   assert flat_a.keys() == flat_b.keys()
