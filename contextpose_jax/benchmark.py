@@ -1,7 +1,7 @@
 r"""JAX vs the PyTorch reference modules, side by side, on this machine.
 
     python -m contextpose_jax.benchmark                   # everything
-    python -m contextpose_jax.benchmark --quick           # ~6 minutes on 2 cores
+    python -m contextpose_jax.benchmark --quick           # 4-6 minutes on 2 cores
     python -m contextpose_jax.benchmark --rows=model,fold --backbones=hrnet_32 \
         --batch_sizes=1,8 --json=bench.json
 
@@ -23,7 +23,9 @@ calls, with device synchronisation (``block_until_ready``; torch runs under
             (``contextpose_jax.data.throughput``; a synthetic set when no
             ``--data_dir`` is given; no PyTorch counterpart).
 Every row with a PyTorch counterpart also reports the largest difference of
-its outputs from torch's on the same inputs, so a fast row is a correct one.
+its outputs on the same inputs (full model: from torch in float64, the exact
+answer, which torch's fp32 row is measured against too; sampler: from torch),
+so a fast row is a correct one. Results and docs: docs/benchmarks.md.
 The weights are random (official layouts, BatchNorm statistics calibrated):
 speed does not depend on their values.
 """
@@ -44,7 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 # BatchNorm folding lives with inference (predict.py), where it is used.
-from contextpose_jax.predict import apply_folded, find_conv_bn_pairs, fold_batch_norm  # pylint: disable=g-bad-import-order,wrong-import-position
+from contextpose_jax.predict import apply_folded, find_conv_bn_pairs, fold_batch_norm
 
 ALL_ROWS = ("model", "fold", "train", "sampler", "pipeline")
 BACKBONES = ("hrnet_32", "hrnet_48", "cpn")
@@ -213,26 +215,17 @@ def build_models(backbone: str, *, backbone_kwargs=None, embed_dim: int | None =
   Returns ``(torch_model, jax_variables, model_config)``.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
   from contextpose_jax.torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
-  from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(seed)
+  from contextpose_jax.torch_reference.common import state_dict_numpy
   config = capf.default_model_config(backbone, "h36m")
   if backbone_kwargs:
     config.backbone_kwargs = ml_collections.ConfigDict(dict(backbone_kwargs))
   if embed_dim:
     config.embed_dim = embed_dim
   config.depth = depth
-  model = ref_capf.CAPF(backbone, "h36m", backbone_kwargs=backbone_kwargs,
-                        embed_dim=config.embed_dim, depth=depth).eval()
-  images = torch.tensor(_random_inputs(1, seed)[0]).permute(0, 3, 1, 2)
-  randomize_(model.backbone, seed, example_inputs=(images,))
-  randomize_(model.volume_net, seed + 1)
-  with torch.no_grad():
-    for name, p in model.volume_net.named_parameters():
-      if "sampling_offsets.weight" in name:
-        p.mul_(0.25)  # offsets of a few pixels, as trained models have
+  model = ref_capf.random_capf(backbone, "h36m", seed, backbone_kwargs=backbone_kwargs,
+                               embed_dim=config.embed_dim, depth=depth)
   variables = capf.load_torch_state_dict(state_dict_numpy(model), capf.build_model(config),
                                          config, source=f"random {backbone}")
   return model, variables, config
@@ -298,7 +291,7 @@ def _to_numpy(out):
 
 def feature_shapes(backbone: str, batch: int, backbone_kwargs=None):
   """NHWC shapes of the 4 backbone maps at 256x192."""
-  from contextpose_jax.torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.torch_reference import capf as ref_capf
   dims = ref_capf.feature_dims(backbone, backbone_kwargs)
   if backbone == "cpn":
     return [(batch, 64, 48, c) for c in dims]
@@ -324,9 +317,9 @@ def lifter_train_workload(backbone: str, batch: int, *, embed_dim: int = 128, de
   import torch  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models import torch_import  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models.lifter import Lifter  # pylint: disable=g-import-not-at-top
-  from contextpose_jax.torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
-  from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy  # pylint: disable=g-import-not-at-top
-  from contextpose_jax.torch_reference.lifter import PoseTransformer  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.torch_reference import capf as ref_capf
+  from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy
+  from contextpose_jax.torch_reference.lifter import PoseTransformer
 
   torch.manual_seed(seed)
   dims = ref_capf.feature_dims(backbone, backbone_kwargs)
@@ -589,10 +582,10 @@ def parse_args(argv):
   p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
   p.add_argument("--quick", action="store_true",
                  help="hrnet_32 only, full-model batch 2, train / sampler batch 16, "
-                 "3 repeats, 1 warm-up, a short pipeline run (a few minutes on 2 cores)")
+                 "3 repeats, 1 warm-up, a short pipeline run (4-6 minutes on 2 cores)")
   p.add_argument("--compilation_cache", default=None,
                  help="a persistent JAX compilation cache directory (reruns skip "
-                 "compilation)")
+                 "compilation where the cache hits)")
   p.add_argument("--omp_wait_policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "unset"),
                  help="OMP_WAIT_POLICY for torch (set before torch starts). PASSIVE by "
                  "default: torch's OpenMP threads spin-waiting at every op's barrier "

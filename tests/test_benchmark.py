@@ -5,10 +5,8 @@ the same work: every JAX row must compute what the torch row computes on the
 same inputs (full model, BN-folded model, one AdamW train step, the three
 context samplers), and the timing / ratio arithmetic must be right.
 """
-import jax
 import numpy as np
 import pytest
-import torch
 
 from contextpose_jax import benchmark
 

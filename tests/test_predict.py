@@ -41,16 +41,8 @@ SMALL_BACKBONES = {"hrnet_32": SMALL_HRNET,
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """A converted (reduced) CA-PF directory and the torch model it came from."""
-  torch.manual_seed(0)
-  model = ref_capf.CAPF("hrnet_32", "h36m", backbone_kwargs=SMALL_HRNET, embed_dim=32,
-                        depth=1).eval()
-  images = torch.randn(2, 3, 256, 192)
-  randomize_(model.backbone, 1, example_inputs=(images,))
-  randomize_(model.volume_net, 2)
-  with torch.no_grad():
-    for name, p in model.volume_net.named_parameters():
-      if "sampling_offsets.weight" in name:
-        p.mul_(0.25)
+  model = ref_capf.random_capf("hrnet_32", "h36m", 1, backbone_kwargs=SMALL_HRNET,
+                               embed_dim=32, depth=1)
   config = capf.default_model_config("hrnet_32", "h36m")
   config.backbone_kwargs = ml_collections.ConfigDict(SMALL_HRNET)
   config.embed_dim = 32
