@@ -17,8 +17,8 @@ def get_config():
   config.data.num_workers = 1
   config.batch_size = 16
   config.data.eval_batch_size = 32
-  config.learning_rate = 3e-3
-  config.num_epochs = 2
-  config.log_every_steps = 16
-  config.checkpoint_every_steps = 16
+  config.learning_rate = 1e-2
+  config.num_epochs = 6
+  config.log_every_steps = 32
+  config.checkpoint_every_steps = 32
   return config
