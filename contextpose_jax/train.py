@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from absl import logging
 import flax
@@ -477,7 +477,11 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
 
   def save_best(self, state: TrainState, meta: Mapping[str, Any]):
-    self.best.save(int(state.step), args=ocp.args.Composite(
+    step = int(state.step)
+    if step in self.best.all_steps():
+      # Killed between saving best and latest: this epoch is being redone.
+      self.best.delete(step)
+    self.best.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(state.variables()),
         meta=ocp.args.JsonSave(dict(meta))), force=True)
 
