@@ -233,6 +233,11 @@ def test_record_source_matches_tfds(data_dir):
       np.testing.assert_array_equal(a[key], b[key])
       if np.ndim(b[key]):  # tfds gives Python ints for scalars; we int32
         assert a[key].dtype == b[key].dtype, key
+  some = pipeline.data_source(config, 'train', keys=('image', 'keypoints_3d'))
+  assert some[7].keys() == {'image', 'keypoints_3d'}
+  np.testing.assert_array_equal(some[7]['keypoints_3d'], theirs[7]['keypoints_3d'])
+  with pytest.raises(KeyError, match='keypoints_4d'):
+    pipeline.data_source(config, 'train', keys=('keypoints_4d',))
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
