@@ -33,10 +33,6 @@ _WORKER = textwrap.dedent('''
 
     config = tiny_test.get_config()
     config.data.data_dir = data_dir
-    # A narrow HRNet (as test_train.py): the claim is about sharding, not width,
-    # and three processes compiling the full backbone take minutes on 2 cores.
-    config.model.backbone_kwargs = dict(width=4, stage_modules=(1, 1, 1), num_blocks=1,
-                                        stem_channels=8, layer1_blocks=1)
     # Frozen backbone (tiny_test): the cross-process gradient all-reduce is the
     # lifter's; test_train.py covers BatchNorm statistics over a sharded batch.
     config.learning_rate = 1e-3

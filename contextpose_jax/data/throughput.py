@@ -2,7 +2,7 @@
 
   python -m contextpose_jax.data.throughput [--data_dir=DIR] \
       [--name=synthetic_human36m] [--batch_size=256] [--num_batches=30] \
-      [--num_workers=2] [--worker_processes=0]
+      [--num_workers=2] [--worker_processes=0] [--repeats=1]
 
 or `measure(...)` from Python, which returns training examples per second.
 When `name` is `synthetic_human36m` and DIR holds no build of it, the default
@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import ml_collections
+import numpy as np
 
 from contextpose_jax.data import pipeline
 
@@ -80,11 +81,18 @@ def main(argv=None):
   p.add_argument('--num_workers', type=int, default=2)
   p.add_argument('--worker_processes', type=int, default=0)
   p.add_argument('--backbone', default='hrnet_32')
+  p.add_argument('--repeats', type=int, default=1,
+                 help='independent measurements (fresh iterator each); the '
+                 'median is printed last: shared machines are noisy')
   args = p.parse_args(argv)
-  measure(args.data_dir, name=args.name, batch_size=args.batch_size,
-          num_batches=args.num_batches, num_workers=args.num_workers,
-          worker_processes=args.worker_processes, backbone=args.backbone,
-          log=print)
+  rates = [measure(args.data_dir, name=args.name, batch_size=args.batch_size,
+                   num_batches=args.num_batches, num_workers=args.num_workers,
+                   worker_processes=args.worker_processes,
+                   backbone=args.backbone, log=print)
+           for _ in range(max(1, args.repeats))]
+  if len(rates) > 1:
+    print(f'median of {len(rates)}: {np.median(rates):.0f} train examples/s '
+          f'(min {min(rates):.0f}, max {max(rates):.0f})')
 
 
 if __name__ == '__main__':
