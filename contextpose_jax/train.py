@@ -383,7 +383,7 @@ def dataset_kind(config) -> str:
 
 
 def check_dataset_matches_model(config):
-  data_kind = '3dhp' if config.data.name == 'mpi_inf_3dhp' else 'h36m'
+  data_kind = _pipeline().dataset_kind(config.data.name)
   if data_kind != config.model.dataset:
     raise ValueError(f'config.data.name={config.data.name!r} needs model.dataset='
                      f'{data_kind!r}, got {config.model.dataset!r}')

@@ -85,11 +85,14 @@ def main(argv=None):
                  help='independent measurements (fresh iterator each); the '
                  'median is printed last: shared machines are noisy')
   args = p.parse_args(argv)
-  rates = [measure(args.data_dir, name=args.name, batch_size=args.batch_size,
-                   num_batches=args.num_batches, num_workers=args.num_workers,
-                   worker_processes=args.worker_processes,
-                   backbone=args.backbone, log=print)
-           for _ in range(max(1, args.repeats))]
+  with tempfile.TemporaryDirectory(prefix='throughput_') as tmp:
+    # Without --data_dir, every repeat reads the one build made here.
+    data_dir = args.data_dir or tmp
+    rates = [measure(data_dir, name=args.name, batch_size=args.batch_size,
+                     num_batches=args.num_batches, num_workers=args.num_workers,
+                     worker_processes=args.worker_processes,
+                     backbone=args.backbone, log=print)
+             for _ in range(max(1, args.repeats))]
   if len(rates) > 1:
     print(f'median of {len(rates)}: {np.median(rates):.0f} train examples/s '
           f'(min {min(rates):.0f}, max {max(rates):.0f})')
