@@ -12,7 +12,7 @@ COCO-17 order (mapped by ``coco_to_h36m``). ``--output`` is a NEW directory:
 axes: x right, y down, z forward) and one ``<frame>.png`` per frame (the crop
 with the 2D skeleton beside the 3D skeleton). See docs/inference.md.
 
-Each example is built as the training data is (``data_prep/crop.py``): the
+Each example is built as the training data is (``contextpose_jax/geometry.py``): the
 official (center, scale) affine warp to 192x256, ``keypoints_2d`` normalized
 by the full image size (``X / w * 2 - [1, h / w]``), ``keypoints_2d_crop``
 through the same affine, and the crop normalized for the checkpoint's
@@ -34,29 +34,12 @@ from typing import Sequence
 
 import numpy as np
 
+from contextpose_jax import geometry
 from contextpose_jax import skeleton
 from contextpose_jax.api import Predictor
+from contextpose_jax.models.folding import apply_folded, find_conv_bn_pairs, fold_batch_norm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-# Human3.6M 17-joint order of the official code (``union_joints``).
-H36M_JOINT_NAMES = ("pelvis", "right_hip", "right_knee", "right_ankle", "left_hip",
-                    "left_knee", "left_ankle", "spine", "thorax", "nose", "head",
-                    "left_shoulder", "left_elbow", "left_wrist", "right_shoulder",
-                    "right_elbow", "right_wrist")
-COCO_JOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear",
-                    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
-                    "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
-                    "right_knee", "left_ankle", "right_ankle")
-
-# Official boxes are 2 m x 2 m around a ~1.7 m person (data_prep/crop.infer_box):
-# a box from the keypoints' extent is enlarged by about that ratio.
-KEYPOINT_BOX_ENLARGE = 1.25
-# COCO has no head top: it is extrapolated from the thorax through the
-# mid-eye point by this fraction of the thorax-eyes distance (an adult's head
-# top is ~12 cm above the eyes, which are ~20 cm above the shoulder line).
-HEAD_TOP_EXTRAPOLATION = 0.5
-
 
 class InputError(ValueError):
   """Bad user input; the message names the file / flag / field."""
@@ -65,30 +48,6 @@ class InputError(ValueError):
 # ----------------------------------------------------------------------------
 # Keypoints.
 # ----------------------------------------------------------------------------
-
-
-def coco_to_h36m(coco):
-  """COCO-17 keypoints (..., 17, D) -> Human3.6M-17 (..., 17, D).
-
-  Direct: hips, knees, ankles, shoulders, elbows, wrists, and the nose (H36M
-  joint 9). Derived: pelvis = mid-hips; thorax = mid-shoulders; spine =
-  mid(pelvis, thorax); head (top) = mid-eyes + HEAD_TOP_EXTRAPOLATION *
-  (mid-eyes - thorax). Works for any trailing D (a score column is mapped like
-  a coordinate, so derived joints get the mean score).
-  """
-  c = np.asarray(coco, dtype=np.float64)
-  if c.shape[-2] != 17:
-    raise ValueError(f"coco_to_h36m: expected 17 COCO joints, got shape {c.shape}")
-  pelvis = (c[..., 11, :] + c[..., 12, :]) / 2
-  thorax = (c[..., 5, :] + c[..., 6, :]) / 2
-  eyes = (c[..., 1, :] + c[..., 2, :]) / 2
-  head = eyes + HEAD_TOP_EXTRAPOLATION * (eyes - thorax)
-  joints = [pelvis, c[..., 12, :], c[..., 14, :], c[..., 16, :],
-            c[..., 11, :], c[..., 13, :], c[..., 15, :],
-            (pelvis + thorax) / 2, thorax, c[..., 0, :], head,
-            c[..., 5, :], c[..., 7, :], c[..., 9, :],
-            c[..., 6, :], c[..., 8, :], c[..., 10, :]]
-  return np.stack(joints, axis=-2)
 
 
 def _read_keypoint_file(path: str) -> dict:
@@ -154,7 +113,7 @@ def load_keypoints(path: str, keypoint_format: str = "h36m"):
   if not np.all(np.isfinite(kp)):
     raise InputError(f"{path}: 'keypoints' holds NaN or infinite values")
   if keypoint_format == "coco":
-    kp = coco_to_h36m(kp)
+    kp = skeleton.coco_to_h36m(kp)
 
   frames = None
   if "frames" in data:
@@ -187,33 +146,8 @@ def parse_bbox(text: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# Boxes and crops (the training convention, data_prep/crop.py).
+# Boxes and crops (the training convention, contextpose_jax/geometry.py).
 # ----------------------------------------------------------------------------
-
-
-def box_from_keypoints(kp, enlarge: float = KEYPOINT_BOX_ENLARGE) -> np.ndarray:
-  """A square box about the keypoints' extent, enlarged like the official boxes."""
-  kp = np.asarray(kp, dtype=np.float64)
-  lo, hi = kp.min(axis=0), kp.max(axis=0)
-  center = (lo + hi) / 2
-  half = max(float((hi - lo).max()), 1.0) * enlarge / 2
-  return np.array([center[0] - half, center[1] - half, center[0] + half, center[1] + half])
-
-
-def square_box(box) -> np.ndarray:
-  """The box made square about its centre, side max(width, height).
-
-  The official warp scales BOTH axes by the box WIDTH (its boxes are square,
-  2 m x 2 m): a tall detector box used as it is would cut the person off.
-  A box at least as wide as tall keeps its centre and width, the only things
-  the warp reads, so an official box gives the official crop.
-  """
-  x0, y0, x1, y1 = (float(v) for v in box)
-  side = max(x1 - x0, y1 - y0)
-  cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-  if x1 - x0 >= y1 - y0:
-    return np.array([x0, cy - side / 2, x1, cy + side / 2])
-  return np.array([cx - side / 2, y0, cx + side / 2, y1])
 
 
 def check_box(box, width: int, height: int, where: str) -> None:
@@ -233,18 +167,17 @@ def make_example(image_rgb: np.ndarray, keypoints_px, box, backbone: str) -> dic
   (normalized screen coordinates of the full frame), ``keypoints_2d_crop``
   (crop pixels, the official affine) and the (center, scale) used.
   """
-  from data_prep import crop as crop_lib  # pylint: disable=g-import-not-at-top
   from contextpose_jax.data import transforms  # pylint: disable=g-import-not-at-top
   h, w = image_rgb.shape[:2]
   kp = np.asarray(keypoints_px, dtype=np.float64)
-  center, scale = crop_lib.box_to_center_scale(box)
-  matrix = crop_lib.affine_matrix(center, scale)
-  crop = crop_lib.crop_image(image_rgb, center, scale)
+  center, scale = geometry.box_to_center_scale(box)
+  matrix = geometry.affine_matrix(center, scale)
+  crop = geometry.crop_image(image_rgb, center, scale)
   return {
       "crop": crop,
       "image": transforms.normalize_image(crop, backbone),
-      "keypoints_2d": crop_lib.normalize_screen_coordinates(kp, w, h).astype(np.float32),
-      "keypoints_2d_crop": crop_lib.apply_affine(kp, matrix).astype(np.float32),
+      "keypoints_2d": geometry.normalize_screen_coordinates(kp, w, h).astype(np.float32),
+      "keypoints_2d_crop": geometry.apply_affine(kp, matrix).astype(np.float32),
       "center": np.asarray(center, np.float64),
       "scale": np.asarray(scale, np.float64),
   }
@@ -260,126 +193,6 @@ def read_image(path: str) -> np.ndarray:
     raise InputError(f"{path}: cannot be decoded as an image")
   return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
-
-# ----------------------------------------------------------------------------
-# BatchNorm folding: the frozen backbone, folded at load time.
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvBN:
-  conv: tuple[str, ...]   # module path of a bias-free conv
-  bn: tuple[str, ...]     # module path of the BatchNorm applied to its output
-  epsilon: float
-
-
-def _module_path(module) -> tuple[str, ...]:
-  return tuple(module.scope.path)
-
-
-def find_conv_bn_pairs(model, variables, *args, **kwargs) -> list[ConvBN]:
-  """Every BatchNorm whose input is, as traced, the output of a bias-free conv.
-
-  Found by tracing ``model.apply(variables, *args)`` abstractly (no compute),
-  so the pairing follows the real data flow, not the module names.
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  pairs = []
-  last = {}
-
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    out = next_fun(*call_args, **call_kwargs)
-    if context.method_name != "__call__":
-      return out
-    module = context.module
-    if isinstance(module, nn.Conv) and not module.use_bias:
-      last["conv"], last["out"] = _module_path(module), out
-    elif isinstance(module, nn.BatchNorm) and module.use_running_average:
-      # A conv feeding two BNs (none here) cannot absorb both: fold the first.
-      if (call_args and last.get("out") is call_args[0]
-          and all(p.conv != last["conv"] for p in pairs)):
-        pairs.append(ConvBN(last["conv"], _module_path(module), float(module.epsilon)))
-    return out
-
-  def trace(v, *a):
-    with nn.intercept_methods(interceptor):
-      return model.apply(v, *a, **kwargs)
-  jax.eval_shape(trace, variables, *args)
-  return pairs
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _without(tree, path):
-  """A copy of nested dict ``tree`` without the entry at ``path``."""
-  tree = dict(tree)
-  if len(path) == 1:
-    tree.pop(path[0], None)
-  else:
-    tree[path[0]] = _without(tree[path[0]], path[1:])
-    if not tree[path[0]]:
-      del tree[path[0]]
-  return tree
-
-
-def _with(tree, path, value):
-  tree = dict(tree)
-  tree[path[0]] = value if len(path) == 1 else _with(tree.get(path[0], {}), path[1:], value)
-  return tree
-
-
-def fold_batch_norm(variables, pairs: Sequence[ConvBN]):
-  """Variables with each BatchNorm of ``pairs`` folded into its conv (pure).
-
-  Inference-mode BN is per-channel affine: ``(y - mean) * g / sqrt(var + eps)
-  + b``; folded, the conv kernel is scaled by ``s = g / sqrt(var + eps)`` on
-  its output axis and gets the bias ``b - mean * s``. Computed in float64.
-  The folded BNs' params and statistics are dropped; run the result with
-  ``apply_folded``.
-  """
-  params = variables["params"]
-  stats = variables.get("batch_stats", {})
-  for pair in pairs:
-    kernel = np.asarray(_get(params, pair.conv)["kernel"], np.float64)
-    bn = _get(params, pair.bn)
-    mean = np.asarray(_get(stats, pair.bn)["mean"], np.float64)
-    var = np.asarray(_get(stats, pair.bn)["var"], np.float64)
-    s = np.asarray(bn["scale"], np.float64) / np.sqrt(var + pair.epsilon)
-    params = _with(params, pair.conv, {
-        "kernel": (kernel * s).astype(np.float32),
-        "bias": (np.asarray(bn["bias"], np.float64) - mean * s).astype(np.float32)})
-    params = _without(params, pair.bn)
-    stats = _without(stats, pair.bn)
-  out = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
-  out["params"] = params
-  if stats:
-    out["batch_stats"] = stats
-  return out
-
-
-def apply_folded(model, folded_variables, *args, pairs: Sequence[ConvBN], **kwargs):
-  """``model.apply`` with the folded convs adding their bias and their BNs skipped."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  convs = {p.conv for p in pairs}
-  bns = {p.bn for p in pairs}
-
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    if context.method_name == "__call__":
-      path = _module_path(context.module)
-      if path in bns:
-        return call_args[0]
-      if path in convs:
-        y = next_fun(*call_args, **call_kwargs)
-        return y + context.module.get_variable("params", "bias").astype(y.dtype)
-    return next_fun(*call_args, **call_kwargs)
-
-  with nn.intercept_methods(interceptor):
-    return model.apply(folded_variables, *args, **kwargs)
 
 @dataclasses.dataclass
 class FoldedPredictor(Predictor):
@@ -450,7 +263,7 @@ def list_frames(image_arg: str, keypoints, frames, kp_path: str) -> list[str]:
 
 def predict_frames(predictor, image_paths: Sequence[str], keypoints, boxes, *,
                    flip_test: bool, batch_size: int,
-                   keypoint_box_enlarge: float = KEYPOINT_BOX_ENLARGE) -> dict:
+                   keypoint_box_enlarge: float = geometry.KEYPOINT_BOX_ENLARGE) -> dict:
   """Crops every frame and lifts it; returns a dict of per-frame arrays.
 
   Frames are read, cropped and lifted ``batch_size`` at a time, so a long
@@ -467,9 +280,9 @@ def predict_frames(predictor, image_paths: Sequence[str], keypoints, boxes, *,
       h, w = image.shape[:2]
       if boxes is not None:
         check_box(boxes[i], w, h, f"{path}: --bbox")
-        box = square_box(boxes[i])
+        box = geometry.square_box(boxes[i])
       else:
-        box = box_from_keypoints(keypoints[i], keypoint_box_enlarge)
+        box = geometry.box_from_keypoints(keypoints[i], keypoint_box_enlarge)
         check_box(box, w, h, f"{path}: the keypoints' box")
       example = make_example(image, keypoints[i], box, backbone)
       example["bbox"] = box
@@ -503,7 +316,7 @@ def write_outputs(output_dir: str, image_paths, keypoints_px, result, *, dataset
              keypoints_2d_crop=result["keypoints_2d_crop"],
              bbox=result["bbox"], center=result["center"], scale=result["scale"])
     record = {
-        "joint_names": list(H36M_JOINT_NAMES),
+        "joint_names": list(skeleton.H36M_JOINT_NAMES),
         "units": "metres, root-relative (joint 0 = pelvis); camera axes: x right, "
                  "y down, z forward",
         "frames": {name: {"keypoints_3d": result["keypoints_3d"][i].round(6).tolist(),
@@ -596,7 +409,7 @@ def parse_args(argv):
   parser.add_argument("--bbox", help="x0,y0,x1,y1 person box in pixels, for every frame "
                       "(overrides a 'bbox' in the keypoints file; made square, see "
                       "square_box); default: the keypoints' extent, enlarged")
-  parser.add_argument("--keypoint_box_enlarge", type=float, default=KEYPOINT_BOX_ENLARGE,
+  parser.add_argument("--keypoint_box_enlarge", type=float, default=geometry.KEYPOINT_BOX_ENLARGE,
                       help="box side / keypoints' extent when no box is given")
   parser.add_argument("--output", required=True, help="new directory to write")
   parser.add_argument("--flip_test", action=argparse.BooleanOptionalAction, default=False,

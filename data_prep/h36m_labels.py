@@ -26,7 +26,7 @@ import pickle
 import cv2
 import numpy as np
 
-from data_prep import crop as crop_lib
+from contextpose_jax import geometry
 from data_prep import h36m_metadata
 from data_prep import human36m
 from data_prep import records
@@ -136,12 +136,12 @@ def video_labels(pose3d_mm, pose2d_gt, cpn, camera, exists, w, h, meta):
   rows = np.zeros(len(frames), human36m.LABEL_DTYPE)
   for k, i in enumerate(frames):
     joints_3d = pose3d_mm[i, JOINT_IDX]
-    center, scale = crop_lib.box_to_center_scale(
-        crop_lib.infer_box(joints_3d[0], fx, fy, cx, cy))
-    trans = crop_lib.affine_matrix(center, scale)
-    rows['keypoints_2d_crop'][k] = crop_lib.apply_affine(
+    center, scale = geometry.box_to_center_scale(
+        geometry.infer_box(joints_3d[0], fx, fy, cx, cy))
+    trans = geometry.affine_matrix(center, scale)
+    rows['keypoints_2d_crop'][k] = geometry.apply_affine(
         cpn[i].astype(np.float32), trans).astype(np.float32)
-    rows['keypoints_2d'][k] = crop_lib.normalize_screen_coordinates(
+    rows['keypoints_2d'][k] = geometry.normalize_screen_coordinates(
         cpn[i][..., :2], w=w, h=h)
     rows['keypoints_3d'][k] = joints_3d / 1000.0
     rows['center'][k], rows['scale'][k] = center, scale

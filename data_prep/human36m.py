@@ -27,7 +27,7 @@ import pickle
 import cv2
 import numpy as np
 
-from data_prep import crop as crop_lib
+from contextpose_jax import geometry
 from data_prep import h36m_metadata
 from data_prep import records
 
@@ -194,7 +194,7 @@ class VideoFrames:
 
 def crop_example(frame_bgr, row, image_format, jpeg_quality) -> dict:
   """One record from a frame and its label row."""
-  crop = crop_lib.crop_image(frame_bgr, row['center'], row['scale'])
+  crop = geometry.crop_image(frame_bgr, row['center'], row['scale'])
   example = {
       'image': records.encode_crop(crop, image_format, jpeg_quality),
       'keypoints_2d': row['keypoints_2d'],

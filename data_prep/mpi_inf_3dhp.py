@@ -33,7 +33,7 @@ import os
 import cv2
 import numpy as np
 
-from data_prep import crop as crop_lib
+from contextpose_jax import geometry
 from data_prep import records
 
 NAME = 'mpi_inf_3dhp'
@@ -106,7 +106,7 @@ def _rows(arrays, *, sequence, subject, action, camera, video_id, size,
   n = len(arrays['data_3d'])
   rows = np.zeros(n, ROW_DTYPE)
   w, h = size
-  rows['keypoints_2d'] = crop_lib.normalize_screen_coordinates(
+  rows['keypoints_2d'] = geometry.normalize_screen_coordinates(
       arrays['data_2d'][..., :2].astype(np.float64), w, h)
   rows['keypoints_2d_crop'] = arrays['data_2d_crop']
   rows['keypoints_3d'] = arrays['data_3d'] / 1000.0
@@ -185,10 +185,10 @@ def make_examples(options, task):
     if image.shape != records.IMAGE_SHAPE:
       # Not yet cropped: the official convert_to_small crop (root = 14).
       fx, fy, cx, cy = INTRINSICS[int(row['intrinsics'])]
-      center, scale = crop_lib.box_to_center_scale(crop_lib.infer_box(
+      center, scale = geometry.box_to_center_scale(geometry.infer_box(
           row['keypoints_3d'].astype(np.float64)[ROOT] * 1000, fx, fy, cx,
           cy))
-      image = crop_lib.crop_image(image, center, scale)
+      image = geometry.crop_image(image, center, scale)
       encoded = None
     if options['image_format'] == 'png' or encoded is None:
       encoded = records.encode_crop(image, options['image_format'],

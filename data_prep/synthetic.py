@@ -24,7 +24,7 @@ import zlib
 import cv2
 import numpy as np
 
-from data_prep import crop as crop_lib
+from contextpose_jax import geometry
 from data_prep import h36m_metadata
 from data_prep import records
 
@@ -161,11 +161,11 @@ def render_crop(background, pose_mm, camera, matrix, rng):
   # Background warped from quarter resolution with the frame->crop affine.
   low = matrix.copy()
   low[:, :2] *= 4.0
-  img = cv2.warpAffine(background, low, crop_lib.CROP_SIZE,
+  img = cv2.warpAffine(background, low, geometry.CROP_SIZE,
                        flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_REFLECT).astype(np.float32)
-  pix = crop_lib.weak_project(pose_mm, fx, fy, cx, cy)
-  crop_pts = crop_lib.apply_affine(pix, matrix)
+  pix = geometry.weak_project(pose_mm, fx, fy, cx, cy)
+  crop_pts = geometry.apply_affine(pix, matrix)
   px_per_mm = matrix[0, 0] * fx / pose_mm[:, 2]  # crop px per mm at each joint
   root_depth = pose_mm[0, 2]
   bones = [j for j in range(17) if PARENTS[j] >= 0]
@@ -239,17 +239,17 @@ def make_examples(options, task):
                                  frame, 1])
     fx, fy, cx, cy = CAMERAS[camera][0]
     w, h = CAMERAS[camera][1]
-    center, scale = crop_lib.box_to_center_scale(
-        crop_lib.infer_box(pose[0], fx, fy, cx, cy))
-    matrix = crop_lib.affine_matrix(center, scale)
+    center, scale = geometry.box_to_center_scale(
+        geometry.infer_box(pose[0], fx, fy, cx, cy))
+    matrix = geometry.affine_matrix(center, scale)
     image = render_crop(background, pose, camera, matrix, rng)
-    det = detections(crop_lib.weak_project(pose, fx, fy, cx, cy), rng)
+    det = detections(geometry.weak_project(pose, fx, fy, cx, cy), rng)
     yield {
         'image': records.encode_crop(image, options['image_format'],
                                      options['jpeg_quality']),
-        'keypoints_2d': crop_lib.normalize_screen_coordinates(
+        'keypoints_2d': geometry.normalize_screen_coordinates(
             det, w, h).astype(np.float32),
-        'keypoints_2d_crop': crop_lib.apply_affine(det, matrix).astype(
+        'keypoints_2d_crop': geometry.apply_affine(det, matrix).astype(
             np.float32),
         'keypoints_3d': (pose / 1000.0).astype(np.float32),
         'subject': int(subject), 'action': int(action),

@@ -79,15 +79,15 @@ def textured_frame(rng, h=1000, w=1000):
 
 def h36m_records(rng, videos, frames_per_video=2):
   """Official label dicts for (subject, action, subaction, camera_id) videos."""
-  from data_prep import crop as crop_lib  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import geometry  # pylint: disable=g-import-not-at-top
   train, validation = [], []
   for video_id, (s, a, sa, cam) in enumerate(videos):
     for i in range(frames_per_video):
       pose = random_pose_mm(rng)
-      gt = crop_lib.weak_project(pose, CAMERA['fx'], CAMERA['fy'],
+      gt = geometry.weak_project(pose, CAMERA['fx'], CAMERA['fy'],
                                  CAMERA['cx'], CAMERA['cy'])
       cpn = (gt + rng.normal(0, 3, gt.shape)).astype(np.float32)
-      box = crop_lib.infer_box(pose[0], **CAMERA)
+      box = geometry.infer_box(pose[0], **CAMERA)
       center = (0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3]))
       scale = ((box[2] - box[0]) / 200.0, (box[3] - box[1]) / 200.0)
       trans = official_transform().get_affine_transform(center, scale, 0,

@@ -8,7 +8,7 @@ context samplers), and the timing / ratio arithmetic must be right.
 import numpy as np
 import pytest
 
-from contextpose_jax import benchmark
+from benchmarks import speed as benchmark
 
 SMALL = {
     "hrnet_32": dict(width=8, stage_modules=[1, 1, 1], num_blocks=1, stem_channels=8,

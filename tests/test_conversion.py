@@ -22,7 +22,7 @@ import torch
 from contextpose_jax import skeleton
 from contextpose_jax.api import Predictor
 from contextpose_jax.models import capf
-from contextpose_jax.torch_reference import capf as ref_capf
+from torch_reference import capf as ref_capf
 from weights_conversion import convert
 
 ATOL = 1e-4

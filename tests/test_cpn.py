@@ -1,6 +1,6 @@
 """Parity of the Flax CPN backbone and the align_corners resize with PyTorch.
 
-The torch side is `contextpose_jax.torch_reference.cpn` (official key layout)
+The torch side is `torch_reference.cpn` (official key layout)
 with random weights; the Flax side gets them only through
 `cpn.load_torch_state_dict`, so these tests cover the converter as well.
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from contextpose_jax.models import cpn
 from contextpose_jax.models import torch_import
 from contextpose_jax.models.resize import resize_bilinear_align_corners
-from contextpose_jax.torch_reference import cpn as torch_cpn
-from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy
+from torch_reference import cpn as torch_cpn
+from torch_reference.common import randomize_, state_dict_numpy
 
 SMALL = dict(resnet_layers=(1, 1, 1, 1), width=8, lateral_channels=32)
 

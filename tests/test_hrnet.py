@@ -1,6 +1,6 @@
 """HRNet backbone: Flax vs. the PyTorch reference in the official key layout.
 
-The reference (``contextpose_jax.torch_reference.hrnet``) was checked once
+The reference (``torch_reference.hrnet``) was checked once
 against the official ``pose_hrnet.py`` (identical state-dict keys and shapes,
 identical outputs); here it gets random weights and random, non-trivial
 BatchNorm statistics, its state dict goes through ``load_torch_state_dict``,
@@ -22,8 +22,8 @@ import torch
 
 from contextpose_jax.models import hrnet
 from contextpose_jax.models import torch_import
-from contextpose_jax.torch_reference import common
-from contextpose_jax.torch_reference import hrnet as ref
+from torch_reference import common
+from torch_reference import hrnet as ref
 
 # Reduced net that still has every structural feature: multi-module stages 3
 # and 4 (so the stage-4 tap quirk matters), fusion chains of 1-3 stride-2

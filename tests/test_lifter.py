@@ -7,7 +7,7 @@ import torch
 
 from contextpose_jax.models import torch_import
 from contextpose_jax.models.lifter import Lifter
-from contextpose_jax.torch_reference.lifter import PoseTransformer
+from torch_reference.lifter import PoseTransformer
 
 HRNET32_DIMS = (32, 64, 128, 256)
 MAP_HW = ((64, 48), (32, 24), (16, 12), (8, 6))

@@ -20,13 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-from contextpose_jax import benchmark
+from benchmarks import speed as benchmark
+from contextpose_jax import geometry
 from contextpose_jax import predict
+from contextpose_jax import skeleton
 from contextpose_jax import visualize
 from contextpose_jax.api import Predictor
 from contextpose_jax.models import capf
-from contextpose_jax.torch_reference import capf as ref_capf
-from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy
+from contextpose_jax.models import folding
+from torch_reference import capf as ref_capf
+from torch_reference.common import randomize_, state_dict_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_HRNET = dict(width=8, stage_modules=[1, 1, 1], num_blocks=1, stem_channels=8,
@@ -171,7 +174,7 @@ def test_folder_coco_keypoints_flip_test(checkpoint, tmp_path):
   assert list(written["frames"]) == names
   predictor = Predictor.load(str(directory))
   for i in range(3):
-    kp = predict.coco_to_h36m(coco[i])
+    kp = skeleton.coco_to_h36m(coco[i])
     _, image, kp2d, kp_crop = _reference_inputs(frames[i], kp, boxes[i])
     want = predictor.predict(image[None], kp2d[None], kp_crop[None], flip_test=True)
     np.testing.assert_allclose(written["keypoints_3d"][i], want[0, 0], rtol=1e-4, atol=2e-4)
@@ -181,7 +184,7 @@ def test_folder_coco_keypoints_flip_test(checkpoint, tmp_path):
 
 def test_coco_to_h36m_mapping():
   coco = np.arange(17 * 2, dtype=np.float64).reshape(17, 2) ** 1.5
-  h36m = predict.coco_to_h36m(coco)
+  h36m = skeleton.coco_to_h36m(coco)
   mid = lambda a, b: (coco[a] + coco[b]) / 2
   pelvis, thorax, eyes = mid(11, 12), mid(5, 6), mid(1, 2)
   want = np.array([pelvis, coco[12], coco[14], coco[16], coco[11], coco[13], coco[15],
@@ -191,7 +194,7 @@ def test_coco_to_h36m_mapping():
   # Left joints map to left joints: the H36M flip pairs are COCO flip pairs.
   left, right = [4, 5, 6, 11, 12, 13], [1, 2, 3, 14, 15, 16]
   for l, r in zip(left, right):
-    assert predict.H36M_JOINT_NAMES[l].replace("left", "right") == predict.H36M_JOINT_NAMES[r]
+    assert skeleton.H36M_JOINT_NAMES[l].replace("left", "right") == skeleton.H36M_JOINT_NAMES[r]
 
 
 def test_box_from_keypoints_frames_the_person(checkpoint, tmp_path):
@@ -208,13 +211,13 @@ def test_box_from_keypoints_frames_the_person(checkpoint, tmp_path):
   lo, hi = crop_kp.min(0), crop_kp.max(0)
   np.testing.assert_allclose((lo + hi) / 2, [95.5, 127.5], atol=0.01)
   extent = (kp.max(0) - kp.min(0)).max()
-  side = extent * predict.KEYPOINT_BOX_ENLARGE
+  side = extent * geometry.KEYPOINT_BOX_ENLARGE
   np.testing.assert_allclose((hi - lo).max(), 191.0 * extent / (side - 1), rtol=1e-4)
 
 
 def test_square_box_keeps_official_boxes():
-  np.testing.assert_array_equal(predict.square_box([10, 20, 110, 100]), [10, 10, 110, 110])
-  np.testing.assert_array_equal(predict.square_box([10, 20, 50, 100]), [-10, 20, 70, 100])
+  np.testing.assert_array_equal(geometry.square_box([10, 20, 110, 100]), [10, 10, 110, 110])
+  np.testing.assert_array_equal(geometry.square_box([10, 20, 50, 100]), [-10, 20, 70, 100])
 
 
 def test_every_backbone_batch_norm_is_folded():
@@ -224,14 +227,14 @@ def test_every_backbone_batch_norm_is_folded():
     torch_model, variables, config = benchmark.build_models(
         backbone, backbone_kwargs=SMALL_BACKBONES[backbone], embed_dim=32, depth=1)
     model = capf.build_model(config)
-    pairs = predict.find_conv_bn_pairs(model, variables, *capf.dummy_inputs(1))
+    pairs = folding.find_conv_bn_pairs(model, variables, *capf.dummy_inputs(1))
     # Official CPN's GlobalNet.predict / RefineNet.final_predict heads are not
     # part of the backbone's forward (their BNs are not in the Flax model).
     used = [n for n, m in torch_model.backbone.named_modules()
             if isinstance(m, torch.nn.BatchNorm2d)
             and not n.startswith(("global_net.predict", "refine_net.final_predict"))]
     assert len(pairs) == len(used) > 10
-    folded = predict.fold_batch_norm(variables, pairs)
+    folded = folding.fold_batch_norm(variables, pairs)
     assert "batch_stats" not in folded
     assert all(p.bn[0] == "backbone" for p in pairs)
 
@@ -254,14 +257,14 @@ def test_fold_equals_torch_fuse_conv_bn_eval():
                           "bn": {"scale": t(bn.weight), "bias": t(bn.bias)}},
                "batch_stats": {"bn": {"mean": t(bn.running_mean), "var": t(bn.running_var)}}}
   x = np.random.default_rng(0).normal(size=(2, 9, 9, 5)).astype(np.float32)
-  pairs = predict.find_conv_bn_pairs(ConvThenBN(), variables, x)
-  assert pairs == [predict.ConvBN(("conv",), ("bn",), 1e-5)]
-  folded = predict.fold_batch_norm(variables, pairs)
+  pairs = folding.find_conv_bn_pairs(ConvThenBN(), variables, x)
+  assert pairs == [folding.ConvBN(("conv",), ("bn",), 1e-5)]
+  folded = folding.fold_batch_norm(variables, pairs)
   np.testing.assert_allclose(folded["params"]["conv"]["kernel"],
                              t(fused.weight).transpose(2, 3, 1, 0), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(folded["params"]["conv"]["bias"], t(fused.bias),
                              rtol=1e-6, atol=1e-7)
-  got = predict.apply_folded(ConvThenBN(), folded, x, pairs=pairs)
+  got = folding.apply_folded(ConvThenBN(), folded, x, pairs=pairs)
   want = fused(torch.tensor(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
   np.testing.assert_allclose(got, t(want), rtol=1e-5, atol=1e-5)
 

@@ -13,7 +13,7 @@ All points of one map are fetched with ONE gather of the four corner rows of
 the flattened map, then blended. For forward + backward (training) this is 5x
 faster than ``map_coordinates`` on CPU and level with torch; for the forward
 alone ``map_coordinates`` is faster on CPU, but the sampler is ~2% of
-inference time (docs/benchmarks.md, ``python -m contextpose_jax.benchmark``).
+inference time (docs/benchmarks.md, ``python -m benchmarks.speed``).
 """
 from __future__ import annotations
 

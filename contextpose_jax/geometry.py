@@ -16,7 +16,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-CROP_SIZE = (192, 256)  # (width, height), as OpenCV wants it.
+from contextpose_jax import skeleton
+
+# (width, height), as OpenCV wants it.
+CROP_SIZE = (skeleton.CROP_WIDTH, skeleton.CROP_HEIGHT)
+
+# Official boxes are 2 m x 2 m around a ~1.7 m person (`infer_box`):
+# a box from the keypoints' extent is enlarged by about that ratio.
+KEYPOINT_BOX_ENLARGE = 1.25
 
 
 def weak_project(points_3d, fx, fy, cx, cy):
@@ -89,3 +96,28 @@ def normalize_screen_coordinates(points, w, h):
   """Pixels -> [-1, 1] along x with the aspect ratio kept: `X/w*2 - [1, h/w]`."""
   points = np.asarray(points)
   return points / w * 2 - np.asarray([1, h / w])
+
+
+def box_from_keypoints(kp, enlarge: float = KEYPOINT_BOX_ENLARGE) -> np.ndarray:
+  """A square box about the keypoints' extent, enlarged like the official boxes."""
+  kp = np.asarray(kp, dtype=np.float64)
+  lo, hi = kp.min(axis=0), kp.max(axis=0)
+  center = (lo + hi) / 2
+  half = max(float((hi - lo).max()), 1.0) * enlarge / 2
+  return np.array([center[0] - half, center[1] - half, center[0] + half, center[1] + half])
+
+
+def square_box(box) -> np.ndarray:
+  """The box made square about its centre, side max(width, height).
+
+  The official warp scales BOTH axes by the box WIDTH (its boxes are square,
+  2 m x 2 m): a tall detector box used as it is would cut the person off.
+  A box at least as wide as tall keeps its centre and width, the only things
+  the warp reads, so an official box gives the official crop.
+  """
+  x0, y0, x1, y1 = (float(v) for v in box)
+  side = max(x1 - x0, y1 - y0)
+  cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+  if x1 - x0 >= y1 - y0:
+    return np.array([x0, cy - side / 2, x1, cy + side / 2])
+  return np.array([cx - side / 2, y0, cx + side / 2, y1])

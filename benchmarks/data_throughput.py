@@ -1,6 +1,6 @@
 """Examples/s of the training input pipeline (JPEG decode + augment + batch).
 
-  python -m contextpose_jax.data.throughput [--data_dir=DIR] \
+  python -m benchmarks.data_throughput [--data_dir=DIR] \
       [--name=synthetic_human36m] [--batch_size=256] [--num_batches=30] \
       [--num_workers=2] [--worker_processes=0] [--repeats=1]
 
@@ -72,7 +72,7 @@ def measure(data_dir: str | None = None, *, name: str = 'synthetic_human36m',
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m contextpose_jax.data.throughput',
+  p = argparse.ArgumentParser(prog='python -m benchmarks.data_throughput',
                               description=__doc__)
   p.add_argument('--data_dir', default=None)
   p.add_argument('--name', default='synthetic_human36m')

@@ -1,8 +1,8 @@
 r"""JAX vs the PyTorch reference modules, side by side, on this machine.
 
-    python -m contextpose_jax.benchmark                   # everything
-    python -m contextpose_jax.benchmark --quick           # 4-6 minutes on 2 cores
-    python -m contextpose_jax.benchmark --rows=model,fold --backbones=hrnet_32 \
+    python -m benchmarks.speed                   # everything
+    python -m benchmarks.speed --quick           # 4-6 minutes on 2 cores
+    python -m benchmarks.speed --rows=model,fold --backbones=hrnet_32 \
         --batch_sizes=1,8 --json=bench.json
 
 Rows (``--rows``), each timed after warm-up as the median of ``--repeats``
@@ -12,7 +12,7 @@ calls, with device synchronisation (``block_until_ready``; torch runs under
             size: JAX fp32, JAX bf16 (backbone compute in bfloat16) and torch
             fp32 (``torch_reference.capf.CAPF``), same weights, same inputs;
   fold      the same with BatchNorm folded into the backbone convolutions
-            (``predict.fold_batch_norm``), JAX fp32 / bf16;
+            (``models.folding``), JAX fp32 / bf16;
   train     one lifter train step, frozen backbone (features precomputed):
             jitted value_and_grad + optax AdamW vs torch backward + AdamW;
   sampler   the context sampler alone (the deformable blocks' sampling of the
@@ -20,7 +20,7 @@ calls, with device synchronisation (``block_until_ready``; torch runs under
             ``jax.scipy.ndimage.map_coordinates`` vs torch ``F.grid_sample``,
             same points, forward and forward + backward;
   pipeline  the training input pipeline, examples/s
-            (``contextpose_jax.data.throughput``; a synthetic set when no
+            (``benchmarks.data_throughput``; a synthetic set when no
             ``--data_dir`` is given; no PyTorch counterpart).
 Every row with a PyTorch counterpart also reports the largest difference of
 its outputs on the same inputs (full model: from torch in float64, the exact
@@ -45,8 +45,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-# BatchNorm folding lives with inference (predict.py), where it is used.
-from contextpose_jax.predict import apply_folded, find_conv_bn_pairs, fold_batch_norm
+
+from contextpose_jax.models.folding import apply_folded, find_conv_bn_pairs, fold_batch_norm
 
 ALL_ROWS = ("model", "fold", "train", "sampler", "pipeline")
 BACKBONES = ("hrnet_32", "hrnet_48", "cpn")
@@ -216,8 +216,8 @@ def build_models(backbone: str, *, backbone_kwargs=None, embed_dim: int | None =
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
-  from contextpose_jax.torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
-  from contextpose_jax.torch_reference.common import state_dict_numpy
+  from torch_reference import capf as ref_capf  # pylint: disable=g-import-not-at-top
+  from torch_reference.common import state_dict_numpy
   config = capf.default_model_config(backbone, "h36m")
   if backbone_kwargs:
     config.backbone_kwargs = ml_collections.ConfigDict(dict(backbone_kwargs))
@@ -291,7 +291,7 @@ def _to_numpy(out):
 
 def feature_shapes(backbone: str, batch: int, backbone_kwargs=None):
   """NHWC shapes of the 4 backbone maps at 256x192."""
-  from contextpose_jax.torch_reference import capf as ref_capf
+  from torch_reference import capf as ref_capf
   dims = ref_capf.feature_dims(backbone, backbone_kwargs)
   if backbone == "cpn":
     return [(batch, 64, 48, c) for c in dims]
@@ -317,9 +317,9 @@ def lifter_train_workload(backbone: str, batch: int, *, embed_dim: int = 128, de
   import torch  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models import torch_import  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models.lifter import Lifter  # pylint: disable=g-import-not-at-top
-  from contextpose_jax.torch_reference import capf as ref_capf
-  from contextpose_jax.torch_reference.common import randomize_, state_dict_numpy
-  from contextpose_jax.torch_reference.lifter import PoseTransformer
+  from torch_reference import capf as ref_capf
+  from torch_reference.common import randomize_, state_dict_numpy
+  from torch_reference.lifter import PoseTransformer
 
   torch.manual_seed(seed)
   dims = ref_capf.feature_dims(backbone, backbone_kwargs)
@@ -563,7 +563,7 @@ def machine_info() -> dict:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m contextpose_jax.benchmark",
+  p = argparse.ArgumentParser(prog="python -m benchmarks.speed",
                               description="JAX vs PyTorch reference, side by side.")
   p.add_argument("--rows", default=",".join(ALL_ROWS),
                  help=f"comma list of {', '.join(ALL_ROWS)}")
@@ -638,7 +638,7 @@ def run(args, log=print) -> tuple[list[Row], dict]:
       rows += run_workload(sampler_workload(args.backbones[0], args.sampler_batch,
                                             backward=backward), **timing)
   if "pipeline" in args.rows:
-    from contextpose_jax.data import throughput  # pylint: disable=g-import-not-at-top
+    from benchmarks import data_throughput as throughput  # pylint: disable=g-import-not-at-top
     rate = throughput.measure(args.data_dir, name=args.dataset,
                               batch_size=args.pipeline_batch,
                               num_batches=args.pipeline_batches, log=log)
@@ -655,7 +655,7 @@ def main(argv=None) -> int:
       print("warning: torch is already imported; --omp_wait_policy has no effect",
             file=sys.stderr)
     os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
-  command = "python -m contextpose_jax.benchmark " + " ".join(
+  command = "python -m benchmarks.speed " + " ".join(
       argv if argv is not None else sys.argv[1:])
   rows, info = run(args, log=lambda *a: print(*a, file=sys.stderr, flush=True))
   print(f"{command}\n")

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from contextpose_jax.torch_reference.common import randomize_
-from contextpose_jax.torch_reference.cpn import CPN
-from contextpose_jax.torch_reference.hrnet import PoseHighResolutionNet
-from contextpose_jax.torch_reference.lifter import PoseTransformer
+from torch_reference.common import randomize_
+from torch_reference.cpn import CPN
+from torch_reference.hrnet import PoseHighResolutionNet
+from torch_reference.lifter import PoseTransformer
 
 
 def build_backbone(backbone: str, **kwargs) -> nn.Module:
