@@ -63,8 +63,12 @@ def main(argv):
   _init_distributed()
   # Imported after the distributed init (it must precede any JAX computation).
   from contextpose_jax import train  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from data_prep import build  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
+  pipeline.resolve_data_dir(FLAGS.config)
+  build.build_if_missing(FLAGS.config, log=logging.info)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -45,11 +45,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-
+from contextpose_jax.models import BACKBONES
 from contextpose_jax.models.folding import apply_folded, find_conv_bn_pairs, fold_batch_norm
 
 ALL_ROWS = ("model", "fold", "train", "sampler", "pipeline")
-BACKBONES = ("hrnet_32", "hrnet_48", "cpn")
 
 
 # ----------------------------------------------------------------------------

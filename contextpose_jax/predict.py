@@ -27,13 +27,12 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from contextpose_jax import fileio
 from contextpose_jax import geometry
 from contextpose_jax import skeleton
 from contextpose_jax.api import Predictor
@@ -303,11 +302,7 @@ def predict_frames(predictor, image_paths: Sequence[str], keypoints, boxes, *,
 def write_outputs(output_dir: str, image_paths, keypoints_px, result, *, dataset: str,
                   plot: bool, elev: float, azim: float) -> None:
   """Writes poses.npz, poses.json and the PNGs into a new ``output_dir`` atomically."""
-  output_dir = os.path.abspath(output_dir)
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(output_dir) + "-", dir=parent)
-  try:
+  with fileio.new_directory(output_dir) as staging:
     names = [os.path.basename(p) for p in image_paths]
     np.savez(os.path.join(staging, "poses.npz"), frames=np.asarray(names),
              keypoints_3d=result["keypoints_3d"],
@@ -332,10 +327,6 @@ def write_outputs(output_dir: str, image_paths, keypoints_px, result, *, dataset
         visualize.plot_pose(os.path.join(staging, stem + ".png"), result["crop"][i],
                             result["keypoints_2d_crop"][i], result["keypoints_3d"][i],
                             dataset=dataset, elev=elev, azim=azim, title=names[i])
-    os.rename(staging, output_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
 
 
 def _unique_stems(names):

@@ -75,6 +75,28 @@ def run(args) -> str:
   return mpi_inf_3dhp.build(args.manual_dir, **common)
 
 
+def build_if_missing(config, log=print) -> None:
+  """Builds the download-free synthetic set on first use (`main.py`).
+
+  Only `synthetic_human36m` with `config.data.build_if_missing` is built; an
+  existing build in `config.data.data_dir` is used as it is. With several
+  processes, process 0 builds and the others wait for it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  if not (config.data.get('build_if_missing', False) and config.data.name == synthetic.NAME):
+    return
+  final_dir = os.path.join(config.data.data_dir, synthetic.NAME, records.VERSION)
+  if jax.process_index() == 0 and not os.path.isdir(final_dir):
+    options = config.data.get('synthetic', None) or {}
+    options = dict(options.to_dict() if hasattr(options, 'to_dict') else options)
+    log(f'Building {synthetic.NAME} into {config.data.data_dir} (first use): {options}')
+    synthetic.build(config.data.data_dir, log=log, **options)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('dataset_built')
+
+
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:

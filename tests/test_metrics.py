@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from contextpose_jax import evaluate
+from contextpose_jax import metrics
 
 
 def _random_poses(n, seed=0):
@@ -41,18 +41,18 @@ def test_constant_offset_gives_p1_equal_to_offset():
   d_mm = 37.5
   direction = np.array([2.0, -1.0, 2.0]) / 3.0  # unit vector
   pred = gt + direction * d_mm / 1000.0
-  np.testing.assert_allclose(1000 * evaluate.mpjpe(pred, gt), d_mm, rtol=1e-10)
+  np.testing.assert_allclose(1000 * metrics.mpjpe(pred, gt), d_mm, rtol=1e-10)
   # A translation is removed by Procrustes, and constant in time: no velocity error.
-  np.testing.assert_allclose(evaluate.p_mpjpe(pred, gt), 0.0, atol=1e-12)
-  np.testing.assert_allclose(evaluate.mpjve(pred, gt), 0.0, atol=1e-12)
+  np.testing.assert_allclose(metrics.p_mpjpe(pred, gt), 0.0, atol=1e-12)
+  np.testing.assert_allclose(metrics.mpjve(pred, gt), 0.0, atol=1e-12)
 
 
 def test_rotation_scale_translation_gives_p2_zero():
   rng = np.random.default_rng(1)
   gt = _random_poses(8, seed=1)
   pred = np.stack([1.7 * g @ _random_rotation(rng) + rng.normal(size=3) for g in gt])
-  assert evaluate.mpjpe(pred, gt) > 0.1
-  np.testing.assert_allclose(evaluate.p_mpjpe_per_pose(pred, gt), 0.0, atol=1e-10)
+  assert metrics.mpjpe(pred, gt) > 0.1
+  np.testing.assert_allclose(metrics.p_mpjpe_per_pose(pred, gt), 0.0, atol=1e-10)
 
 
 def test_procrustes_matches_independent_umeyama_and_excludes_reflections():
@@ -60,17 +60,17 @@ def test_procrustes_matches_independent_umeyama_and_excludes_reflections():
   gt = _random_poses(16, seed=2)
   pred = gt @ _random_rotation(rng) * 0.8 + rng.normal(scale=0.05, size=gt.shape)
   pred[:4, :, 0] *= -1  # mirrored poses: best proper rotation is not exact
-  aligned = evaluate.procrustes_align(pred, gt)
+  aligned = metrics.procrustes_align(pred, gt)
   np.testing.assert_allclose(aligned, _umeyama_reference(pred, gt), atol=1e-9)
   # the mirrored ones keep a clear error (no reflection allowed)
-  assert np.all(evaluate.p_mpjpe_per_pose(pred[:4], gt[:4]) > 1e-3)
+  assert np.all(metrics.p_mpjpe_per_pose(pred[:4], gt[:4]) > 1e-3)
 
 
 def test_procrustes_is_a_local_optimum():
   rng = np.random.default_rng(3)
   gt = _random_poses(1, seed=3)
   pred = gt + rng.normal(scale=0.05, size=gt.shape)
-  aligned = evaluate.procrustes_align(pred, gt)
+  aligned = metrics.procrustes_align(pred, gt)
   best = np.sum((aligned - gt)**2)
   for _ in range(50):  # any nearby similarity transform of the fit is worse
     r = _random_rotation(rng)
@@ -90,7 +90,7 @@ def test_h36m_per_action_aggregation_by_hand():
   # x-offsets in mm per frame (whole pose shifted).
   off = np.array([10., 20., 30., 30., 60., 5., 5., 5.])
   pred = gt + (off / 1000.)[:, None, None] * np.array([1., 0., 0.])
-  res = evaluate.evaluate_h36m(pred, gt, action, subaction)
+  res = metrics.evaluate_h36m(pred, gt, action, subaction)
   # P1 Directions: frame weighted over both trials = (10+20+30+30+60)/5.
   p1_dir = (10 + 20 + 30 + 30 + 60) / 5
   # MPJVE per trial: trial1 |20-10| = 10; trial2 mean(0, 30) = 15; frame weighted.
@@ -115,8 +115,8 @@ def test_h36m_trial_p2_is_frame_weighted_mean_of_per_pose():
   pred = gt + rng.normal(scale=0.03, size=gt.shape)
   action = np.full(6, 16)
   subaction = np.array([1, 1, 1, 1, 2, 2])
-  res = evaluate.evaluate_h36m(pred, gt, action, subaction)
-  per_pose = evaluate.p_mpjpe_per_pose(pred, gt)
+  res = metrics.evaluate_h36m(pred, gt, action, subaction)
+  per_pose = metrics.p_mpjpe_per_pose(pred, gt)
   np.testing.assert_allclose(res['per_action']['WalkingTogether']['p_mpjpe'],
                              1000 * per_pose.mean())
   np.testing.assert_allclose(res['p_mpjpe'], 1000 * per_pose.mean())
@@ -125,7 +125,7 @@ def test_h36m_trial_p2_is_frame_weighted_mean_of_per_pose():
 def test_h36m_bad_action_raises():
   gt = np.zeros((2, 17, 3))
   with pytest.raises(ValueError, match='out of range'):
-    evaluate.evaluate_h36m(gt, gt, np.array([1, 2]), np.array([1, 1]))
+    metrics.evaluate_h36m(gt, gt, np.array([1, 2]), np.array([1, 1]))
 
 
 def test_3dhp_mpjpe_pck_auc_closed_form():
@@ -138,7 +138,7 @@ def test_3dhp_mpjpe_pck_auc_closed_form():
   pred[:, :14, 1] += e
   pred[:, 15:, 2] += 0.4  # 400 mm on spine + head: in MPJPE, not in PCK
   seq = np.array(['TS1', 'TS1', 'TS5', 'TS5'])
-  res = evaluate.evaluate_3dhp(pred, gt, seq, valid=np.array([1, 1, 1, 0]))
+  res = metrics.evaluate_3dhp(pred, gt, seq, valid=np.array([1, 1, 1, 0]))
   np.testing.assert_allclose(res['mpjpe'], (14 * 42 + 2 * 400) / 17)
   np.testing.assert_allclose(res['pck'], 100.0)
   # thresholds 0:5:150 with 42 < t: 45..150 -> 22 of 31
@@ -155,7 +155,7 @@ def test_3dhp_pck_counts_strictly_below_threshold_per_joint():
   pred[0, :7, 0] = 0.1
   pred[0, 7:14, 0] = 0.2
   pred[1, :14, 0] = 0.1499
-  res = evaluate.evaluate_3dhp(pred, gt, np.array([0, 1]))
+  res = metrics.evaluate_3dhp(pred, gt, np.array([0, 1]))
   assert list(res['per_sequence']) == ['TS1', 'TS2']
   np.testing.assert_allclose(res['per_sequence']['TS1']['pck'], 50.0)
   np.testing.assert_allclose(res['per_sequence']['TS2']['pck'], 100.0)
@@ -170,5 +170,5 @@ def test_3dhp_pck_counts_strictly_below_threshold_per_joint():
 def test_write_json_is_valid_and_maps_nan_to_null(tmp_path):
   import json
   path = tmp_path / 'sub' / 'eval.json'
-  evaluate.write_json(path, {'mpjpe': 1.5, 'per_action': {'A': {'mpjpe': float('nan')}}})
+  metrics.write_json(path, {'mpjpe': 1.5, 'per_action': {'A': {'mpjpe': float('nan')}}})
   assert json.loads(path.read_text()) == {'mpjpe': 1.5, 'per_action': {'A': {'mpjpe': None}}}

@@ -27,7 +27,7 @@ _WORKER = textwrap.dedent('''
     import numpy as np
     sys.path.insert(0, {repo!r})
     from configs import tiny_test
-    from contextpose_jax import train
+    from contextpose_jax import evaluate, parallel, steps
     from contextpose_jax.data import pipeline
     from contextpose_jax.models import capf
 
@@ -38,13 +38,13 @@ _WORKER = textwrap.dedent('''
     config.learning_rate = 1e-3
     config.data.flip_per_example = True  # flips differ across the hosts' rows
     config.eps = 1e-3  # Adam would blow float noise of near-0 gradients up to +-lr
-    mesh = train.make_mesh()
+    mesh = parallel.make_mesh()
     model = capf.build_model(config.model)
-    tx = train.make_optimizer(config)
-    variables = train.he_init_backbone(train.init_variables(model, config.seed), 0)
-    state = jax.device_put(train.create_train_state(config, model, variables, tx),
-                           train.replicated(mesh))
-    step = train.make_train_step(model, tx, train.learning_rate_fn(config, 16), mesh, False)
+    tx = steps.make_optimizer(config)
+    variables = steps.he_init_backbone(steps.init_variables(model, config.seed), 0)
+    state = jax.device_put(steps.create_train_state(config, model, variables, tx),
+                           parallel.replicated(mesh))
+    step = steps.make_train_step(model, tx, steps.learning_rate_fn(config, 16), mesh, False)
 
     if num_processes > 1:
       it = pipeline.make_train_iterator(config, seed=config.seed, start_step=0)
@@ -63,10 +63,11 @@ _WORKER = textwrap.dedent('''
       batches = [{{k: np.concatenate([a[k], b[k]]) for k in a}} for a, b in zip(*parts)]
     losses = []
     for b in batches:
-      state, m = step(state, train.global_batch(b, mesh))
+      state, m = step(state, parallel.global_batch(b, mesh))
       losses.append(float(m['loss']))
-    preds = train.predict_split(config, state.variables(), model, mesh)
-    result = train.compute_metrics(config, preds)
+    predict_fn = steps.make_predict_step(model, mesh, config.model.dataset, config.flip_test)
+    preds = evaluate.predict_split(config, state.variables(), predict_fn, mesh)
+    result = evaluate.compute_metrics(config, preds)
     if jax.process_index() == 0:
       params = jax.device_get(state.variables())
       leaves = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(params)]

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from contextpose_jax import train
+from contextpose_jax import parallel
+from contextpose_jax import steps
 from contextpose_jax.models import capf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,15 +50,15 @@ def _batch(n, seed=0, size=64):
 
 def _setup(config, mesh):
   model = capf.build_model(config.model)
-  tx = train.make_optimizer(config)
+  tx = steps.make_optimizer(config)
   images = jnp.zeros((1, 64, 64, 3))
   kp = jnp.zeros((1, 17, 2))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, kp, kp)
   if config.model.train_backbone:  # from scratch, as train_and_evaluate does
-    variables = train.he_init_backbone(variables, 0)
-  state = train.create_train_state(config, model, variables, tx)
-  state = jax.device_put(state, train.replicated(mesh))
-  step = train.make_train_step(model, tx, train.learning_rate_fn(config, 2), mesh,
+    variables = steps.he_init_backbone(variables, 0)
+  state = steps.create_train_state(config, model, variables, tx)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step = steps.make_train_step(model, tx, steps.learning_rate_fn(config, 2), mesh,
                                config.model.train_backbone)
   return model, tx, state, step
 
@@ -73,8 +74,8 @@ def test_adamw_and_epoch_schedule_match_torch():
            for _ in range(7)]
   steps_per_epoch = 2
 
-  tx = train.make_optimizer(config)
-  lr_fn = train.learning_rate_fn(config, steps_per_epoch)
+  tx = steps.make_optimizer(config)
+  lr_fn = steps.learning_rate_fn(config, steps_per_epoch)
   params = jax.tree.map(jnp.asarray, p0)
   opt_state = tx.init(params)
   for step, g in enumerate(grads):
@@ -98,7 +99,7 @@ def test_adamw_and_epoch_schedule_match_torch():
 
 def test_frozen_backbone_step_and_nan_guard():
   config = _config(train_backbone=False)
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   model, tx, state, step = _setup(config, mesh)
   # The frozen backbone is not trained: no parameters, no Adam moments.
   assert 'backbone' not in state.params and 'backbone' in state.frozen_params
@@ -122,7 +123,7 @@ def test_frozen_backbone_step_and_nan_guard():
   expected = jax.tree.map(lambda p, g: p - lr * (g / (jnp.abs(g) + 1e-8) + 0.1 * p),
                           before.params, g)
 
-  state, metrics = step(state, train.global_batch(batch, mesh))
+  state, metrics = step(state, parallel.global_batch(batch, mesh))
   after = jax.device_get(state)
   np.testing.assert_allclose(metrics['loss'], ref_loss, rtol=1e-6)
   for a, b, gg in zip(jax.tree.leaves(after.params), jax.tree.leaves(expected),
@@ -138,7 +139,7 @@ def test_frozen_backbone_step_and_nan_guard():
 
   # A NaN loss skips the update (params, moments, Adam count) but is counted.
   bad = dict(batch, keypoints_3d=np.full_like(batch['keypoints_3d'], np.nan))
-  state, metrics = step(state, train.global_batch(bad, mesh))
+  state, metrics = step(state, parallel.global_batch(bad, mesh))
   skipped = jax.device_get(state)
   assert np.isnan(metrics['loss']) and int(metrics['skipped']) == 1
   assert int(skipped.step) == 2 and int(skipped.nan_count) == 1
@@ -148,7 +149,7 @@ def test_frozen_backbone_step_and_nan_guard():
 
 def test_learning_rate_decays_per_epoch():
   config = ml_collections.ConfigDict(dict(learning_rate=6.4e-4, lr_decay=0.99))
-  lr = train.learning_rate_fn(config, steps_per_epoch=10)
+  lr = steps.learning_rate_fn(config, steps_per_epoch=10)
   np.testing.assert_allclose([lr(0), lr(9), lr(10), lr(25)],
                              [6.4e-4, 6.4e-4, 6.4e-4 * 0.99, 6.4e-4 * 0.99**2], rtol=1e-6)
 
@@ -158,7 +159,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     import test_train as t
-    from contextpose_jax import train
+    from contextpose_jax import parallel
     assert jax.device_count() == 4, jax.devices()
     # Fine-tuned backbone (BatchNorm batch statistics over the GLOBAL batch)
     # and dropout / drop path on: both must not depend on the device count.
@@ -173,12 +174,12 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import time
     batches = [t._batch(8, seed=s) for s in (1, 2)]
     for name, devices in (('one', jax.devices()[:1]), ('four', jax.devices())):
-      mesh = train.make_mesh(devices)
+      mesh = parallel.make_mesh(devices)
       model, tx, state, step = t._setup(config, mesh)
       losses = []
       t0 = time.time()
       for b in batches:
-        gb = train.global_batch(b, mesh)
+        gb = parallel.global_batch(b, mesh)
         assert len(gb['image'].sharding.device_set) == len(devices)
         state, m = step(state, gb)
         losses.append(float(m['loss']))

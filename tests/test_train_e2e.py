@@ -65,17 +65,17 @@ def _trained(env):
 
 
 def test_training_beats_mean_pose_and_eval_only_reproduces(env):
-  from contextpose_jax import evaluate
+  from contextpose_jax import metrics
   workdir, proc = _trained(env)
   result = json.loads((workdir / 'eval.json').read_text())
   assert set(result) >= {'mpjpe', 'p_mpjpe', 'mpjve', 'per_action'}
   preds = np.load(workdir / 'predictions.npz')
   # eval.json is the official aggregation of the saved predictions.
-  again = evaluate.evaluate_h36m(preds['pred'], preds['gt'], preds['action'], preds['subaction'])
+  again = metrics.evaluate_h36m(preds['pred'], preds['gt'], preds['action'], preds['subaction'])
   np.testing.assert_allclose(result['mpjpe'], again['mpjpe'], rtol=1e-6)
   assert len(preds['pred']) == 64  # every validation example exactly once
   mean_pose = np.broadcast_to(preds['gt'].mean(0), preds['gt'].shape)
-  baseline = evaluate.evaluate_h36m(mean_pose, preds['gt'], preds['action'],
+  baseline = metrics.evaluate_h36m(mean_pose, preds['gt'], preds['action'],
                                     preds['subaction'])['mpjpe']
   print(f'val MPJPE {result["mpjpe"]:.1f} mm, mean-pose baseline {baseline:.1f} mm')
   assert result['mpjpe'] < 0.8 * baseline, (result['mpjpe'], baseline)
@@ -91,10 +91,10 @@ def test_training_beats_mean_pose_and_eval_only_reproduces(env):
     assert reproduced['per_action'][action]['frames'] == v['frames']
 
   # The same variables as a converter output directory (orbax + model_config.json).
-  from contextpose_jax import train
+  from contextpose_jax import checkpoints
   from contextpose_jax.models import capf
   import ml_collections
-  variables, model_config = train.load_eval_variables(str(workdir))
+  variables, model_config = checkpoints.load_eval_variables(str(workdir))
   converted = env['root'] / 'converted'
   capf.save_variables(str(converted), variables, ml_collections.ConfigDict(model_config))
   eval_dir = env['root'] / 'eval_converted'

@@ -27,6 +27,7 @@ decoding batches], [`prefetch` 2: batches buffered ahead],
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import grain
@@ -53,6 +54,14 @@ def _get(cfg, key, default=None):
 def dataset_kind(name: str) -> str:
   """'3dhp' (flip joints, root 14) for MPI-INF-3DHP, else 'h36m'."""
   return '3dhp' if name == 'mpi_inf_3dhp' else 'h36m'
+
+
+def resolve_data_dir(config) -> str:
+  """Fills an empty `config.data.data_dir` with the TFDS default."""
+  if not config.data.data_dir:
+    config.data.data_dir = (os.environ.get('TFDS_DATA_DIR')
+                            or os.path.expanduser('~/tensorflow_datasets'))
+  return config.data.data_dir
 
 
 def default_eval_split(name: str) -> str:

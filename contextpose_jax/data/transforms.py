@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 
 from contextpose_jax import skeleton
-
-BACKBONES = ('hrnet_32', 'hrnet_48', 'cpn')
+from contextpose_jax.models import BACKBONES
+from contextpose_jax.models import HRNET_WIDTHS
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 _CPN_MEAN_RGB = np.array([122.7717, 115.9465, 102.9801])
@@ -23,7 +23,7 @@ _CPN_MEAN_RGB = np.array([122.7717, 115.9465, 102.9801])
 
 def _affine(backbone: str) -> np.ndarray:
   """3x4 per-channel map with normalized = uint8 * scale + offset."""
-  if backbone in ('hrnet_32', 'hrnet_48'):
+  if backbone in HRNET_WIDTHS:
     # (x / 255 - mean) / std
     scale = 1.0 / (255.0 * _IMAGENET_STD)
     offset = -_IMAGENET_MEAN / _IMAGENET_STD

@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 
 from contextpose_jax import skeleton
+from contextpose_jax.models import BACKBONES
+from contextpose_jax.models import HRNET_WIDTHS
 from contextpose_jax.models.lifter import Lifter
 
-BACKBONES = ("hrnet_32", "hrnet_48", "cpn")
 MODEL_CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
 
@@ -92,9 +93,9 @@ def build_backbone(backbone: str, backbone_kwargs: Mapping[str, Any] | None = No
                    dtype: str = "float32") -> nn.Module:
   kwargs = dict(backbone_kwargs or {})
   kwargs["dtype"] = jnp.dtype(dtype)
-  if backbone in ("hrnet_32", "hrnet_48"):
+  if backbone in HRNET_WIDTHS:
     from contextpose_jax.models.hrnet import HRNet  # pylint: disable=g-import-not-at-top
-    kwargs.setdefault("width", int(backbone.split("_")[1]))
+    kwargs.setdefault("width", HRNET_WIDTHS[backbone])
     return HRNet(**kwargs)
   if backbone == "cpn":
     from contextpose_jax.models.cpn import CPN  # pylint: disable=g-import-not-at-top
@@ -198,7 +199,7 @@ TORCH_LIFTER_PREFIX = "volume_net."
 
 def backbone_family(backbone: str):
   """The module (hrnet or cpn) that owns a backbone's definition and keys."""
-  if backbone in ("hrnet_32", "hrnet_48"):
+  if backbone in HRNET_WIDTHS:
     from contextpose_jax.models import hrnet  # pylint: disable=g-import-not-at-top
     return hrnet
   from contextpose_jax.models import cpn  # pylint: disable=g-import-not-at-top
