@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from contextpose_jax import image_io
+from contextpose_jax import locking
 from data_prep import records
 
 NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
@@ -76,11 +78,20 @@ def run(args) -> str:
 
 
 def main(argv=None):
+  """The command line: expected failures are one line `error: ...` on
+  stderr and exit status 1 (no traceback)."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     run(args)
-  except records.DataError as e:
+  except (records.DataError, locking.LockHeldError,
+          image_io.ImageError) as e:
     records.fail(str(e))
+  except OSError as e:  # unreadable input, unwritable --data_dir, disk full
+    where = f'{e.filename}: ' if e.filename else ''
+    records.fail(f'{where}{e.strerror or e}')
+  except KeyboardInterrupt:
+    records.fail('interrupted; run the same command again to resume the '
+                 'build', status=130)
 
 
 if __name__ == '__main__':
