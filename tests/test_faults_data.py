@@ -577,3 +577,15 @@ def test_data_dir_that_is_a_file(tmp_path):
                    '--num_validation=4', '--frames_per_video=4',
                    '--num_workers=1')
   assert_one_line_error(result, str(tmp_path / 'file'))
+
+
+@pytest.mark.parametrize('flag,value', [('--num_workers', '0'),
+                                        ('--examples_per_shard', '-1'),
+                                        ('--num_train', '0'),
+                                        ('--jpeg_quality', '101')])
+def test_bad_option_values(tmp_path, flag, value):
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    build.main([SLOW, f'--data_dir={tmp_path}', f'{flag}={value}'])
+  assert e.value.code == 1
+  assert not os.listdir(tmp_path)
