@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from contextpose_jax import image_io
+from contextpose_jax import locking
 from data_prep import records
 
 NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
@@ -51,11 +53,28 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+  """Option values, before any work (one line naming the option)."""
+  positive = {'--num_workers': args.num_workers,
+              '--examples_per_shard': args.examples_per_shard}
+  if args.name == 'synthetic_human36m':
+    positive.update({'--num_train': args.num_train,
+                     '--num_validation': args.num_validation,
+                     '--frames_per_video': args.frames_per_video})
+  for flag, value in positive.items():
+    if value is not None and value < 1:
+      raise records.DataError(f'{flag} must be at least 1, got {value}')
+  if not 0 <= args.jpeg_quality <= 100:
+    raise records.DataError(f'--jpeg_quality must be in 0..100, got '
+                            f'{args.jpeg_quality}')
+
+
 def run(args) -> str:
+  check_args(args)
   common = dict(data_dir=args.data_dir, image_format=args.image_format,
                 jpeg_quality=args.jpeg_quality, num_workers=args.num_workers,
                 overwrite=args.overwrite)
-  if args.examples_per_shard:
+  if args.examples_per_shard is not None:
     common['examples_per_shard'] = args.examples_per_shard
   if args.name == 'synthetic_human36m':
     from data_prep import synthetic  # pylint: disable=g-import-not-at-top
@@ -98,11 +117,20 @@ def build_if_missing(config, log=print) -> None:
 
 
 def main(argv=None):
+  """The command line: expected failures are one line `error: ...` on
+  stderr and exit status 1 (no traceback)."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     run(args)
-  except records.DataError as e:
+  except (records.DataError, locking.LockHeldError,
+          image_io.ImageError) as e:
     records.fail(str(e))
+  except OSError as e:  # unreadable input, unwritable --data_dir, disk full
+    where = f'{e.filename}: ' if e.filename else ''
+    records.fail(f'{where}{e.strerror or e}')
+  except KeyboardInterrupt:
+    records.fail('interrupted; run the same command again to resume the '
+                 'build', status=130)
 
 
 if __name__ == '__main__':

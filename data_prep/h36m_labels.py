@@ -21,7 +21,6 @@ Reading the CDF files needs `cdflib` (pure Python, on PyPI).
 from __future__ import annotations
 
 import os
-import pickle
 
 import cv2
 import numpy as np
@@ -30,6 +29,7 @@ from contextpose_jax import geometry
 from data_prep import h36m_metadata
 from data_prep import human36m
 from data_prep import records
+from data_prep import safe_pickle
 
 # The 17 Human3.6M joints among the 32 of the mocap files.
 JOINT_IDX = [0, 1, 2, 3, 6, 7, 8, 12, 16, 14, 15, 17, 18, 19, 25, 26, 27]
@@ -74,11 +74,21 @@ def load_cameras(manual_dir):
   path = os.path.join(manual_dir, 'camera_data.pkl')
   cameras = {}
   if os.path.exists(path):
-    with open(path, 'rb') as f:
-      data = pickle.load(f)
-    for (s, c), cam in data.items():
-      f_, c_ = np.ravel(cam[2]), np.ravel(cam[3])
-      cameras[(int(s), int(c))] = (f_[0], f_[1], c_[0], c_[1])
+    try:
+      data = safe_pickle.load(path)
+    except safe_pickle.UnsafePickleError as e:
+      raise records.DataError(str(e)) from None
+    except Exception as e:  # pylint: disable=broad-except
+      raise records.DataError(f'{path}: not a readable pickle '
+                              f'({type(e).__name__}: {e})') from None
+    try:
+      for (s, c), cam in data.items():
+        f_, c_ = np.ravel(cam[2]), np.ravel(cam[3])
+        cameras[(int(s), int(c))] = (f_[0], f_[1], c_[0], c_[1])
+    except (AttributeError, TypeError, ValueError, IndexError) as e:
+      raise records.DataError(
+          f'{path}: want {{(subject, camera): (R, T, f, c, ...)}} as '
+          f'H36M-Toolbox writes it ({type(e).__name__}: {e})') from None
   for s in h36m_metadata.SUBJECTS:
     for c in range(4):
       cameras.setdefault((s, c + 1), h36m_metadata.INTRINSICS[c])
@@ -90,8 +100,12 @@ def load_cpn(manual_dir):
   if path is None:
     raise records.DataError(f'--manual_dir={manual_dir} has no {CPN_FILE}')
   try:
-    data = np.load(path, allow_pickle=True)
-    return data['positions_2d'].item()
+    positions = safe_pickle.load_npz(path)['positions_2d'].item()
+    if not isinstance(positions, dict):
+      raise TypeError(f'positions_2d holds a {type(positions).__name__}')
+    return positions
+  except safe_pickle.UnsafePickleError as e:
+    raise records.DataError(str(e)) from None
   except Exception as e:  # pylint: disable=broad-except
     raise records.DataError(f'{path}: not a VideoPose3D 2D-detection file '
                             f'({type(e).__name__}: {e})') from None
@@ -119,9 +133,7 @@ def _frames_available(manual_dir, frame_source, s, a, sa, c, nposes):
     path = human36m.frame_path(image_root, row)
     exists[i] = os.path.isfile(path)
     if exists[i] and size is None:
-      frame = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-      if frame is None:
-        raise records.DataError(f'corrupt or unreadable image {path}')
+      frame = human36m.read_frame(path)
       size = frame.shape[1], frame.shape[0]
   w, h = size or (0, 0)
   return exists, w, h

@@ -28,8 +28,10 @@ import cv2
 import numpy as np
 
 from contextpose_jax import geometry
+from contextpose_jax import image_io
 from data_prep import h36m_metadata
 from data_prep import records
+from data_prep import safe_pickle
 
 NAME = 'human36m'
 SPLITS = {'train': h36m_metadata.TRAIN_SUBJECTS,
@@ -114,12 +116,13 @@ def check_split(table, split, where):
 def load_toolbox_pickle(path: str, split: str) -> np.ndarray:
   """`h36m_{train,validation}.pkl` of H36M-Toolbox -> our label table."""
   try:
-    with open(path, 'rb') as f:
-      items = pickle.load(f)
+    items = safe_pickle.load(path)
   except FileNotFoundError:
     raise records.DataError(f'{path}: no such file') from None
+  except safe_pickle.UnsafePickleError as e:
+    raise records.DataError(str(e)) from None
   except (pickle.UnpicklingError, EOFError, AttributeError, ImportError,
-          ValueError) as e:
+          ValueError, TypeError, IndexError, OSError) as e:
     raise records.DataError(f'{path}: not a readable pickle ({e})') from None
   table = labels_from_records(items, path)
   if len(table) == 0:
@@ -136,10 +139,18 @@ def read_jpeg_frame(image_root, row) -> np.ndarray:
   path = frame_path(image_root, row)
   if not os.path.exists(path):
     raise records.DataError(f'missing frame {path} ({describe(row)})')
-  frame = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-  if frame is None:
-    raise records.DataError(f'corrupt or unreadable image {path}')
-  return frame
+  return read_frame(path)
+
+
+def read_frame(path) -> np.ndarray:
+  """A source frame as the official loader reads it (cv2.imread, BGR), but
+  strictly: a truncated or corrupt image is an error naming the file."""
+  try:
+    return image_io.read_image(
+        path, bgr=True,
+        flags=cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+  except image_io.ImageError as e:
+    raise records.DataError(str(e)) from None
 
 
 def video_path(manual_dir, row) -> str:

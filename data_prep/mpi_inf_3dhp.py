@@ -34,7 +34,9 @@ import cv2
 import numpy as np
 
 from contextpose_jax import geometry
+from contextpose_jax import image_io
 from data_prep import records
+from data_prep import safe_pickle
 
 NAME = 'mpi_inf_3dhp'
 TRAIN_NPZ = 'data_train_3dhp.npz'
@@ -67,7 +69,12 @@ def _load_npz(path):
   if not os.path.exists(path):
     raise records.DataError(f'missing {path}')
   try:
-    return np.load(path, allow_pickle=True)['data'].item()
+    data = safe_pickle.load_npz(path)['data'].item()
+    if not isinstance(data, dict):
+      raise TypeError(f"'data' holds a {type(data).__name__}")
+    return data
+  except safe_pickle.UnsafePickleError as e:
+    raise records.DataError(str(e)) from None
   except Exception as e:  # pylint: disable=broad-except
     raise records.DataError(f'{path}: not a P-STMO 3DHP label file (want an '
                             f"npz with a pickled dict 'data'; {e})") from None
@@ -178,10 +185,12 @@ def make_examples(options, task):
       raise records.DataError(f'missing image {path}')
     with open(path, 'rb') as f:
       encoded = f.read()
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8),
-                         cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-      raise records.DataError(f'corrupt or unreadable image {path}')
+    try:
+      image = image_io.decode_image(
+          encoded, path, bgr=True,
+          flags=cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except image_io.ImageError as e:
+      raise records.DataError(str(e)) from None
     if image.shape != records.IMAGE_SHAPE:
       # Not yet cropped: the official convert_to_small crop (root = 14).
       fx, fy, cx, cy = INTRINSICS[int(row['intrinsics'])]

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from array_record.python import array_record_module
+from contextpose_jax import locking
 
 VERSION = '1.0.0'
 NUM_JOINTS = 17
@@ -154,6 +155,35 @@ def _shard_worker(args):
   return _write_shard(*args)
 
 
+def _end_with_parent(parent_pid: int) -> None:
+  """Worker initializer: the worker dies when the build process dies.
+
+  Without it a `kill -9` of the build leaves the workers running (they only
+  notice the broken pipe after their current shard). Linux: the kernel sends
+  SIGKILL on the parent's death (PR_SET_PDEATHSIG); elsewhere, and as a
+  fallback, a thread polls the parent pid.
+  """
+  if sys.platform.startswith('linux'):
+    try:
+      import ctypes  # pylint: disable=g-import-not-at-top
+      import signal  # pylint: disable=g-import-not-at-top
+      libc = ctypes.CDLL(None, use_errno=True)
+      pr_set_pdeathsig = 1
+      libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+      pass
+  if os.getppid() != parent_pid:  # died before prctl took effect
+    os._exit(1)  # pylint: disable=protected-access
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(1.0)
+    os._exit(1)  # pylint: disable=protected-access
+
+  import threading  # pylint: disable=g-import-not-at-top
+  threading.Thread(target=watch, name='end-with-parent', daemon=True).start()
+
+
 def fingerprint(options: dict[str, Any]) -> str:
   return hashlib.sha256(
       json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
@@ -173,12 +203,32 @@ def build(*, name: str, data_dir: str, feature_spec,
   """
   dataset_dir = os.path.join(data_dir, name)
   final_dir = os.path.join(dataset_dir, VERSION)
+  if os.path.exists(final_dir) and not overwrite:
+    raise DataError(f'{final_dir} already exists (pass --overwrite to '
+                    'rebuild it)')
+  # One build of a dataset at a time (a second one gets LockHeldError).
+  lock = locking.DirLock(dataset_dir, purpose=f'building {name}')
+  lock.acquire()
+  try:
+    if lock.recovered:
+      log(f'[{name}] taking over the lock of '
+          f'{locking.describe_holder(lock.recovered)}, which ended')
+    return _build_locked(
+        name=name, dataset_dir=dataset_dir, final_dir=final_dir,
+        feature_spec=feature_spec, shards=shards, make_examples=make_examples,
+        options=options, description=description, num_workers=num_workers,
+        overwrite=overwrite, log=log)
+  finally:
+    lock.release()
+
+
+def _build_locked(*, name, dataset_dir, final_dir, feature_spec, shards,
+                  make_examples, options, description, num_workers, overwrite,
+                  log):
   work_dir = os.path.join(dataset_dir, f'.incomplete-{VERSION}')
-  if os.path.exists(final_dir):
-    if not overwrite:
-      raise DataError(f'{final_dir} already exists (pass --overwrite to '
-                      'rebuild it)')
-  os.makedirs(dataset_dir, exist_ok=True)
+  if os.path.exists(final_dir) and not overwrite:  # finished meanwhile
+    raise DataError(f'{final_dir} already exists (pass --overwrite to '
+                    'rebuild it)')
   stamp = os.path.join(work_dir, 'build_options.json')
   key = fingerprint(options)
   if os.path.isdir(work_dir):
@@ -226,8 +276,9 @@ def build(*, name: str, data_dir: str, feature_spec,
                                 feature_spec))
   else:
     ctx = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(num_workers,
-                                                mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=ctx, initializer=_end_with_parent,
+        initargs=(os.getpid(),)) as pool:
       futures = {pool.submit(_shard_worker, (name, work_dir, task,
                                              make_examples, feature_spec)): task
                  for task in todo}
@@ -278,7 +329,7 @@ def _template(work_dir, name, split):
       filetype_suffix='array_record')
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 1) -> None:
   """One-line error for the command line."""
   print(f'error: {message}', file=sys.stderr)
-  raise SystemExit(2)
+  raise SystemExit(status)

@@ -94,7 +94,7 @@ def test_corrupt_jpeg(manual, tmp_path):
   path = os.path.join(root, 'images', manual[1][0]['image'])
   with open(path, 'wb') as f:
     f.write(b'\xff\xd8 this is not a jpeg')
-  _assert_fails(root, tmp_path, 'corrupt .*' + os.path.basename(path))
+  _assert_fails(root, tmp_path, os.path.basename(path) + ': truncated JPEG')
 
 
 @pytest.mark.parametrize('field,value,match', [
@@ -130,7 +130,7 @@ def test_wrong_manual_dir_from_command_line(tmp_path):
        f'--manual_dir={tmp_path / "empty"}', f'--data_dir={tmp_path / "out"}'],
       capture_output=True, text=True, cwd=os.path.dirname(
           os.path.dirname(os.path.abspath(__file__))))
-  assert result.returncode == 2
+  assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: --manual_dir=') and 'images/' in last
   assert not (tmp_path / 'out' / 'human36m' / '1.0.0').exists()

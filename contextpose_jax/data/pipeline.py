@@ -37,6 +37,9 @@ import tensorflow_datasets as tfds
 from contextpose_jax import skeleton
 from contextpose_jax.data import transforms
 
+# The datasets `python -m data_prep.build` makes (named in errors).
+DATASETS = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
+VERSION = '1.0.0'
 KEYPOINT_KEYS = ('keypoints_2d', 'keypoints_2d_crop', 'keypoints_3d')
 METADATA_KEYS = ('subject', 'action', 'subaction', 'camera', 'frame',
                  'video_id')
@@ -91,6 +94,48 @@ def _local_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+class DatasetError(FileNotFoundError):
+  """A dataset that cannot be read; the one-line message names the
+  dataset, directory or shard file and what to do."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f'{type(e).__name__}: ' + (text.splitlines()[0] if text else '')
+
+
+def _shard_of(records, index) -> str:
+  """The shard file holding record `index` of an ArrayRecordDataSource."""
+  try:
+    reader_index, _ = records._reader_idx_and_position(index)  # pylint: disable=protected-access
+    return str(records._read_instructions[reader_index].filename)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    return 'a shard'
+
+
+def check_shards(records) -> None:
+  """Every shard file of an ArrayRecordDataSource holds its records (a
+  truncated shard reads as fewer records; it fails here, not mid-epoch)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  for instruction in getattr(records, '_read_instructions', ()):
+    path = str(instruction.filename)
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      try:
+        have = reader.num_records()
+      finally:
+        reader.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DatasetError(f'{path}: unreadable array_record shard '
+                         f'({_first_line(e)}); rebuild the dataset with '
+                         '`python -m data_prep.build ... --overwrite`') from None
+    if have < instruction.end:
+      raise DatasetError(
+          f'{path}: truncated or corrupt array_record shard ({have} records, '
+          f'the dataset metadata says {instruction.end}); rebuild the dataset '
+          'with `python -m data_prep.build ... --overwrite`')
+
+
 class RecordSource:
   """Random access to the records of a `tfds.data_source`, parsed fast.
 
@@ -129,7 +174,17 @@ class RecordSource:
     return tf_example_pb2.Example.FromString(serialized)
 
   def __getitem__(self, index):
-    feature = self._parse(self._records[index]).features.feature
+    try:
+      feature = self._parse(self._records[index]).features.feature
+    except (RuntimeError, OSError) as e:  # riegeli / file errors
+      raise DatasetError(f'{_shard_of(self._records, index)}: cannot read '
+                         f'record {index} (truncated or corrupt shard; '
+                         f'{_first_line(e)})') from None
+    except Exception as e:  # pylint: disable=broad-except
+      if type(e).__name__ != 'DecodeError':  # protobuf's, any implementation
+        raise
+      raise DatasetError(f'{_shard_of(self._records, index)}: record {index} '
+                         'is not a tf.train.Example (corrupt shard)') from None
     out = {}
     for key, kind in self._fields.items():
       if kind == 'bytes' or kind == 'text':
@@ -153,11 +208,53 @@ def data_source(config, split: str, keys=None) -> RecordSource:
         data.name, split=split, data_dir=data.data_dir,
         decoders={'image': tfds.decode.SkipDecoding()})
   except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f'cannot open dataset {data.name!r} split {split!r} under '
-        f'data_dir={data.data_dir!r}; build it with `python -m data_prep.build '
-        f'{data.name} --data_dir=...` ({type(e).__name__}: {e})') from e
+    raise DatasetError(_why_not_found(data.name, split, data.data_dir, e)
+                       ) from None
+  check_shards(source.data_source)
   return RecordSource(source, keys)
+
+
+def _why_not_found(name, split, data_dir, error) -> str:
+  """One line: why `name` / `split` cannot be opened under `data_dir`."""
+  build = f"python -m data_prep.build {name} --data_dir={data_dir or 'DIR'}"
+  dataset_dir = version_dir = None
+  if data_dir:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    dataset_dir = epath.Path(data_dir) / str(name)
+    version_dir = dataset_dir / VERSION
+  if dataset_dir is None or not dataset_dir.exists():
+    present = []
+    if data_dir and epath.Path(data_dir).is_dir():
+      present = sorted(p.name for p in epath.Path(data_dir).iterdir()
+                       if p.is_dir() and not p.name.startswith('.'))
+    if name not in DATASETS:
+      return (f'config.data.name={name!r} is not a known dataset; known: '
+              f'{", ".join(DATASETS)}' + (
+                  f' (data_dir={data_dir} holds: {", ".join(present)})'
+                  if present else ''))
+    return (f'dataset {name!r} is not built under data_dir={data_dir}; build '
+            f'it with `{build} ...`' + (
+                f' (that data_dir holds: {", ".join(present)})'
+                if present else ''))
+  if not version_dir.exists():
+    unfinished = dataset_dir / f'.incomplete-{VERSION}'
+    if unfinished.exists():
+      return (f'data_dir={data_dir} holds only an unfinished build of '
+              f'{name!r} ({unfinished}); finish it by running the same '
+              f'`{build} ...` command again (it resumes where it stopped)')
+    return (f'{dataset_dir} has no finished build (no {VERSION}/); build it '
+            f'with `{build} ...`')
+  if 'split' in str(error).lower():
+    return (f'dataset {name!r} under data_dir={data_dir} has no split '
+            f'{split!r} ({_first_line(error)})')
+  return (f'cannot open dataset {name!r} split {split!r} under '
+          f'data_dir={data_dir} ({_first_line(error)}); rebuild it with '
+          f'`{build} --overwrite ...`')
+
+
+def num_examples(config, split: str) -> int:
+  """Number of records of `split` (with the errors of `data_source`)."""
+  return len(data_source(config, split, keys=()))
 
 
 class _Decode(grain.transforms.Map):

@@ -13,6 +13,7 @@ import threading
 import cv2
 import numpy as np
 
+from contextpose_jax import image_io
 from contextpose_jax import skeleton
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models import HRNET_WIDTHS
@@ -110,10 +111,7 @@ def normalize_image(uint8_rgb, backbone: str) -> np.ndarray:
 def decode_image(encoded: bytes, where: str = 'image',
                  bgr: bool = False) -> np.ndarray:
   """JPEG/PNG bytes -> uint8 RGB (H, W, 3) (BGR, one pass less, if `bgr`)."""
-  image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
-  if image is None:
-    raise ValueError(f'{where}: cannot decode the stored image')
-  return image if bgr else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  return image_io.decode_image(encoded, where, bgr=bgr)
 
 
 def root_relative(keypoints_3d, root: int) -> np.ndarray:
