@@ -31,7 +31,7 @@ from contextpose_jax.models import capf
 def steps_per_epoch(config) -> int:
   if config.steps_per_epoch > 0:
     return int(config.steps_per_epoch)
-  n = len(pipeline.data_source(config, config.data.train_split, keys=())) // config.data.batch_size
+  n = pipeline.num_examples(config, config.data.train_split) // config.data.batch_size
   if n < 1:
     raise ValueError(f'config.data.batch_size={config.data.batch_size} is larger than '
                      f'the {config.data.name}/{config.data.train_split} split')

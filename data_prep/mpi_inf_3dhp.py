@@ -35,13 +35,14 @@ import numpy as np
 
 from contextpose_jax import geometry
 from contextpose_jax import image_io
+from contextpose_jax import skeleton
 from data_prep import records
 from data_prep import safe_pickle
 
 NAME = 'mpi_inf_3dhp'
 TRAIN_NPZ = 'data_train_3dhp.npz'
 TEST_NPZ = 'data_test_3dhp.npz'
-ROOT = 14
+ROOT = skeleton.ROOT_JOINT['3dhp']
 
 # (fx, fy, cx, cy) of the 14 training cameras, then the TS5/TS6 camera, as in
 # ContextPose_mpi/dataset/data_util/convert_to_small*.py (only used to crop
