@@ -21,6 +21,7 @@ import optax
 from contextpose_jax import parallel
 from contextpose_jax import skeleton
 from contextpose_jax.models import capf
+from contextpose_jax.models import folding
 
 # Batch keys fed to the model, and their mirrored twins for the flip test.
 MODEL_KEYS = ('image', 'keypoints_2d', 'keypoints_2d_crop')
@@ -145,7 +146,30 @@ def mpjpe_loss(pred, target):
   return jnp.mean(jnp.linalg.norm(pred - target, axis=-1))
 
 
-def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bool):
+def frozen_batch_norm_pairs(model) -> tuple[folding.ConvBN, ...]:
+  """The (conv, BatchNorm) pairs of a frozen backbone; none for a trained one.
+
+  A frozen backbone runs its BatchNorms in inference mode: per-channel affine
+  maps that fold into the preceding convs (`models/folding.py`). The steps
+  fold inside the compiled program, so the train state and the checkpoints
+  keep the official, unfolded variables.
+  """
+  if model.backbone is None or model.train_backbone:
+    return ()
+  shapes = capf.variable_shapes(model)
+  return tuple(folding.find_conv_bn_pairs(model, shapes, *capf.dummy_inputs(1)))
+
+
+def apply_model(model, variables, *inputs, fold_pairs=(), **kwargs):
+  """`model.apply`, with the `fold_pairs` BatchNorms folded into their convs."""
+  if not fold_pairs:
+    return model.apply(variables, *inputs, **kwargs)
+  return folding.apply_folded(model, folding.fold_batch_norm(variables, fold_pairs),
+                              *inputs, pairs=fold_pairs, **kwargs)
+
+
+def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bool,
+               fold_pairs=()):
   """One AdamW step on the global batch; a non-finite loss skips the update."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -159,7 +183,8 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
                                   rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
       new_stats = updates['batch_stats']
     else:
-      pred = model.apply(variables, *inputs, train=True, rngs={'dropout': dropout_rng})
+      pred = apply_model(model, variables, *inputs, fold_pairs=fold_pairs, train=True,
+                         rngs={'dropout': dropout_rng})
       new_stats = state.batch_stats
     loss = mpjpe_loss(pred[:, 0], batch['keypoints_3d'])
     return loss, new_stats
@@ -184,24 +209,32 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
   return new_state, metrics
 
 
-def predict_step(variables, batch, *, model, dataset: str, flip_test: bool):
+def predict_step(variables, batch, *, model, dataset: str, flip_test: bool, fold_pairs=()):
   """(B, 17, 3) predictions; with the flip test, the mean of the prediction and
   the un-flipped prediction on the mirrored input (as the official loop)."""
-  pred = model.apply(variables, *[batch[k] for k in MODEL_KEYS], train=False)[:, 0]
+  if fold_pairs:
+    variables, model_apply = folding.fold_batch_norm(variables, fold_pairs), functools.partial(
+        folding.apply_folded, model, pairs=fold_pairs)
+  else:
+    model_apply = model.apply
+  pred = model_apply(variables, *[batch[k] for k in MODEL_KEYS], train=False)[:, 0]
   if flip_test:
-    pred_flip = model.apply(variables, *[batch[k] for k in FLIP_KEYS], train=False)[:, 0]
+    pred_flip = model_apply(variables, *[batch[k] for k in FLIP_KEYS], train=False)[:, 0]
     pred = (pred + skeleton.flip_pose_3d(pred_flip, dataset)) / 2
   return pred
 
 
-def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool):
+def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool, fold_batch_norm: bool = True):
+  pairs = frozen_batch_norm_pairs(model) if fold_batch_norm and not train_backbone else ()
   step = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
-                           train_backbone=train_backbone)
+                           train_backbone=train_backbone, fold_pairs=pairs)
   return jax.jit(step, out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
                  donate_argnums=(0,))
 
 
-def make_predict_step(model, mesh, dataset: str, flip_test: bool):
+def make_predict_step(model, mesh, dataset: str, flip_test: bool, fold_batch_norm: bool = True):
   """The jitted predict step; build it once per run (each call compiles anew)."""
-  step = functools.partial(predict_step, model=model, dataset=dataset, flip_test=flip_test)
+  pairs = frozen_batch_norm_pairs(model) if fold_batch_norm else ()
+  step = functools.partial(predict_step, model=model, dataset=dataset, flip_test=flip_test,
+                           fold_pairs=pairs)
   return jax.jit(step, out_shardings=parallel.batch_sharding(mesh))

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 
 
@@ -57,56 +59,31 @@ def find_conv_bn_pairs(model, variables, *args, **kwargs) -> list[ConvBN]:
   return pairs
 
 
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _without(tree, path):
-  """A copy of nested dict ``tree`` without the entry at ``path``."""
-  tree = dict(tree)
-  if len(path) == 1:
-    tree.pop(path[0], None)
-  else:
-    tree[path[0]] = _without(tree[path[0]], path[1:])
-    if not tree[path[0]]:
-      del tree[path[0]]
-  return tree
-
-
-def _with(tree, path, value):
-  tree = dict(tree)
-  tree[path[0]] = value if len(path) == 1 else _with(tree.get(path[0], {}), path[1:], value)
-  return tree
-
-
 def fold_batch_norm(variables, pairs: Sequence[ConvBN]):
   """Variables with each BatchNorm of ``pairs`` folded into its conv (pure).
 
   Inference-mode BN is per-channel affine: ``(y - mean) * g / sqrt(var + eps)
   + b``; folded, the conv kernel is scaled by ``s = g / sqrt(var + eps)`` on
-  its output axis and gets the bias ``b - mean * s``. Computed in float64.
-  The folded BNs' params and statistics are dropped; run the result with
-  ``apply_folded``.
+  its output axis and gets the bias ``b - mean * s``. The folded BNs' params
+  and statistics are dropped; run the result with ``apply_folded``. Works on
+  concrete arrays (at load time) and on tracers (inside a jitted step, where
+  the folded kernels cost one multiply per weight).
   """
-  params = variables["params"]
-  stats = variables.get("batch_stats", {})
+  params = traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]))
+  stats = traverse_util.flatten_dict(flax.core.unfreeze(variables.get("batch_stats", {})))
   for pair in pairs:
-    kernel = np.asarray(_get(params, pair.conv)["kernel"], np.float64)
-    bn = _get(params, pair.bn)
-    mean = np.asarray(_get(stats, pair.bn)["mean"], np.float64)
-    var = np.asarray(_get(stats, pair.bn)["var"], np.float64)
-    s = np.asarray(bn["scale"], np.float64) / np.sqrt(var + pair.epsilon)
-    params = _with(params, pair.conv, {
-        "kernel": (kernel * s).astype(np.float32),
-        "bias": (np.asarray(bn["bias"], np.float64) - mean * s).astype(np.float32)})
-    params = _without(params, pair.bn)
-    stats = _without(stats, pair.bn)
+    kernel = params[pair.conv + ("kernel",)]
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    var = jnp.asarray(stats.pop(pair.bn + ("var",)), dtype)
+    mean = jnp.asarray(stats.pop(pair.bn + ("mean",)), dtype)
+    s = jnp.asarray(params.pop(pair.bn + ("scale",)), dtype) * jax.lax.rsqrt(var + pair.epsilon)
+    bias = jnp.asarray(params.pop(pair.bn + ("bias",)), dtype) - mean * s
+    params[pair.conv + ("kernel",)] = (jnp.asarray(kernel, dtype) * s).astype(kernel.dtype)
+    params[pair.conv + ("bias",)] = bias.astype(kernel.dtype)
   out = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
-  out["params"] = params
+  out["params"] = traverse_util.unflatten_dict(params)
   if stats:
-    out["batch_stats"] = stats
+    out["batch_stats"] = traverse_util.unflatten_dict(stats)
   return out
 
 
