@@ -5,6 +5,10 @@ from contextpose_jax.api import Predictor
 p = Predictor.load(DIR)            # a directory written by weights_conversion.convert
 feats = p.features(images)         # list of 4 NHWC np.ndarrays
 pose = p.predict(images, keypoints_2d, keypoints_2d_crop)   # (B, 1, 17, 3)
+
+coco = Predictor.load(COCO_DIR)    # converted from a COCO backbone file (keeps its head)
+hm = coco.heatmaps(images)         # (B, 64, 48, 17) raw heatmaps, NHWC
+kp, scores = coco.detect_2d(images)   # (B, 17, 2) crop pixels, COCO order; (B, 17)
 ```
 ``images`` are float32 (B, 256, 192, 3), already normalized for the backbone
 (``contextpose_jax.data.transforms.normalize_image``); ``keypoints_2d`` are in
@@ -23,6 +27,7 @@ import numpy as np
 
 from contextpose_jax import skeleton
 from contextpose_jax.models import capf
+from contextpose_jax.models import heatmaps as heatmap_decoding
 
 
 @dataclasses.dataclass
@@ -53,13 +58,61 @@ class Predictor:
   def _predict_fn(self):
     return jax.jit(lambda v, x, k, c: self.model.apply(v, x, k, c))
 
+  @property
+  def has_heatmap_head(self) -> bool:
+    """True for a directory converted from a COCO backbone file."""
+    return self.model.has_heatmap_head
+
+  @functools.cached_property
+  def _detect_fn(self):
+    def detect(v, x):
+      heat = self.model.apply(v, x, method=capf.CAPF.heatmaps)
+      coords, scores = heatmap_decoding.decode_heatmaps(heat)
+      return heat, heatmap_decoding.heatmap_to_crop(coords), scores
+    return jax.jit(detect)
+
+  def _backbone_variables(self):
+    return {k: {"backbone": v["backbone"]} for k, v in self.variables.items()
+            if "backbone" in v}
+
+  def _run_detector(self, images):
+    if not self.has_heatmap_head:
+      raise ValueError(capf.HEATMAP_HEAD_MISSING)
+    images = np.asarray(images, np.float32)
+    _check_images(images)
+    return self._detect_fn(self._backbone_variables(), images)
+
+  def heatmaps(self, images) -> np.ndarray:
+    """Raw COCO heatmaps (B, 64, 48, 17), NHWC, from the backbone's head.
+
+    ``images`` as for ``features``. Only for a directory converted from a COCO
+    backbone file (any other model: ValueError).
+    """
+    return np.asarray(self._run_detector(images)[0])
+
+  def detect_2d(self, images, *, center=None, scale=None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """2D keypoints from the heatmaps, decoded as the official HRNet test code.
+
+    Returns ``(keypoints (B, 17, 2), scores (B, 17))``: keypoints in CROP
+    pixels (x right, y down, 192x256 crop), COCO joint order; scores are the
+    heatmap maxima. With the crop's ``center`` and ``scale`` (as
+    ``geometry.box_to_center_scale`` gives them; (2,) or (B, 2)) keypoints are
+    mapped back to frame pixels. See ``contextpose_jax.models.heatmaps``.
+    """
+    if (center is None) != (scale is None):
+      raise ValueError("detect_2d: give both center and scale, or neither")
+    _, keypoints, scores = self._run_detector(images)
+    keypoints = np.asarray(keypoints)
+    if center is not None:
+      keypoints = heatmap_decoding.crop_to_frame(keypoints, center, scale)
+    return keypoints, np.asarray(scores)
+
   def features(self, images) -> list[np.ndarray]:
     """The four NHWC backbone maps the lifter samples."""
     if "backbone" not in self.variables["params"]:
       raise ValueError("this checkpoint has no backbone (context-free model)")
-    variables = {k: {"backbone": v["backbone"]} for k, v in self.variables.items()
-                 if "backbone" in v}
-    maps = self._features_fn(variables, jnp.asarray(images, jnp.float32))
+    maps = self._features_fn(self._backbone_variables(), jnp.asarray(images, jnp.float32))
     return [np.asarray(m) for m in maps]
 
   def predict(self, images, keypoints_2d, keypoints_2d_crop, *,
@@ -87,10 +140,14 @@ class Predictor:
     return (pose + skeleton.flip_pose_3d(flipped, self.dataset)) / 2
 
 
-def _check_inputs(images, kp2d, crop):
+def _check_images(images):
   if images.ndim != 4 or images.shape[1:] != (skeleton.CROP_HEIGHT, skeleton.CROP_WIDTH, 3):
     raise ValueError(f"images: expected (B, {skeleton.CROP_HEIGHT}, {skeleton.CROP_WIDTH}, 3), "
                      f"got {images.shape}")
+
+
+def _check_inputs(images, kp2d, crop):
+  _check_images(images)
   for name, kp in (("keypoints_2d", kp2d), ("keypoints_2d_crop", crop)):
     if kp.shape != (images.shape[0], skeleton.NUM_JOINTS, 2):
       raise ValueError(f"{name}: expected ({images.shape[0]}, {skeleton.NUM_JOINTS}, 2), "

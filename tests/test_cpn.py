@@ -195,3 +195,26 @@ def test_state_dict_mismatches_are_named(small_model):
   with pytest.raises(torch_import.ConversionError,
                      match=r'mis-shaped.*resnet\.layer2\.0\.conv2\.weight'):
     cpn.load_torch_state_dict(misshaped, module)
+
+
+def test_heatmap_head_loads_final_predict_strictly(small_model):
+  """With `heatmap_head` RefineNet's final_predict is loaded (heatmap parity:
+  tests/test_detect.py); GlobalNet's predict heads stay ignored."""
+  _, state_dict = small_model
+  module = cpn.CPN(**SMALL, heatmap_head=True)
+  variables = cpn.load_torch_state_dict(state_dict, module)
+  refine = variables['params']['refine_net']
+  assert {'final_predict_0', 'final_predict_1', 'final_predict_2'} <= set(refine)
+  np.testing.assert_array_equal(
+      refine['final_predict_1']['kernel'],
+      state_dict['refine_net.final_predict.1.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      variables['batch_stats']['refine_net']['final_predict_2']['var'],
+      state_dict['refine_net.final_predict.2.running_var'])
+  assert 'predict' not in str(jax.tree_util.tree_structure(variables['params']['global_net']))
+
+  missing = dict(state_dict)
+  del missing['refine_net.final_predict.2.running_mean']
+  with pytest.raises(torch_import.ConversionError,
+                     match='missing 1 .*refine_net/final_predict_2/mean'):
+    cpn.load_torch_state_dict(missing, module, source='ckpt.pth')

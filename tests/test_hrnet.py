@@ -297,3 +297,35 @@ def test_bad_image_size_is_a_clear_error():
   module = hrnet.HRNet(**TINY)
   with pytest.raises(ValueError, match="multiples of 32"):
     jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 80, 64, 3)))
+
+
+def test_heatmap_head_tiny_float64(tiny):
+  """With ``heatmap_head`` the COCO final_layer is loaded and its heatmaps
+  (from the last stage's finest fused output) equal torch's."""
+  model, _, _, images = tiny
+  state = common.state_dict_numpy(model)
+  module = hrnet.HRNet(**TINY, heatmap_head=True)
+  variables = hrnet.load_torch_state_dict(state, module, source="tiny")
+  np.testing.assert_array_equal(variables["params"]["final_layer"]["bias"],
+                                state["final_layer.bias"])
+  with torch.no_grad():
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).double()
+    want_maps, want = copy.deepcopy(model).double()(x, with_heatmaps=True)
+  with jax.enable_x64(True):
+    module64 = hrnet.HRNet(**TINY, heatmap_head=True, dtype=jnp.float64)
+    maps, got = _apply(module64, _as(variables, jnp.float64),
+                       jnp.asarray(images, jnp.float64), with_heatmaps=True)
+    assert got.shape == (2, 16, 24, 17)
+    np.testing.assert_allclose(np.asarray(got), _nchw_to_nhwc(want.numpy()),
+                               atol=1e-9, rtol=1e-9)
+    for g, w in zip(maps, want_maps):  # the maps are unchanged by the head
+      np.testing.assert_allclose(np.asarray(g), _nchw_to_nhwc(w.numpy()), atol=1e-9, rtol=1e-9)
+
+  # Strict with the head: a COCO file without final_layer is refused.
+  del state["final_layer.weight"]
+  with pytest.raises(torch_import.ConversionError,
+                     match=r"missing 1 .*params:final_layer/kernel"):
+    hrnet.load_torch_state_dict(state, module)
+  with pytest.raises(ValueError, match="without the heatmap head"):
+    _apply(hrnet.HRNet(**TINY), hrnet.load_torch_state_dict(state, hrnet.HRNet(**TINY)),
+           jnp.asarray(images), with_heatmaps=True)

@@ -117,7 +117,8 @@ class GlobalNet(nn.Module):
 
 class RefineNet(nn.Module):
   """Cascade i: (3 - i) expansion-2 bottlenecks, then resize to output_hw.
-  `final_predict` (heatmap head on the concatenated cascade) is unused."""
+  `final_predict` is the COCO heatmap head on the channel-concatenated
+  cascade (CPN's "refine output"); CA-PF never runs it."""
 
   def __init__(self, lateral_channels=256, output_hw=(64, 48), num_class=17,
                num_cascade=4):
@@ -135,12 +136,16 @@ class RefineNet(nn.Module):
         _conv(c, num_class, 3),
         nn.BatchNorm2d(num_class))
 
-  def forward(self, pyramid):
-    return [stage(x) for stage, x in zip(self.cascade, pyramid)]
+  def forward(self, pyramid, with_heatmaps=False):
+    outputs = [stage(x) for stage, x in zip(self.cascade, pyramid)]
+    if with_heatmaps:
+      return outputs, self.final_predict(torch.cat(outputs, dim=1))
+    return outputs
 
 
 class CPN(nn.Module):
-  """Official CPN options; forward(NCHW images) -> 4 NCHW cascade maps."""
+  """Official CPN options; forward(NCHW images) -> 4 NCHW cascade maps, or
+  (maps, refine heatmaps) with `with_heatmaps`."""
 
   def __init__(self, resnet_layers=(3, 4, 6, 3), width=64,
                lateral_channels=256, output_hw=(64, 48), num_class=17):
@@ -150,5 +155,5 @@ class CPN(nn.Module):
                                 output_hw, num_class)
     self.refine_net = RefineNet(lateral_channels, output_hw, num_class)
 
-  def forward(self, images):
-    return self.refine_net(self.global_net(self.resnet(images)))
+  def forward(self, images, with_heatmaps=False):
+    return self.refine_net(self.global_net(self.resnet(images)), with_heatmaps)

@@ -4,8 +4,11 @@ Behaviour of the official ``ContextPose/mvn/models/pose_hrnet.py``
 (``PoseHighResolutionNet``), restructured: a saved state dict has exactly the
 keys of the released COCO ``pose_hrnet_w32_256x192.pth`` (``conv1``, ``bn1``,
 ``layer1.N.*``, ``transitionK.*``, ``stageK.M.branches.*``,
-``stageK.M.fuse_layers.*`` and the unused ``final_layer``), and ``forward``
-returns the four maps the official backbone hands to the lifter (NCHW).
+``stageK.M.fuse_layers.*`` and the COCO head ``final_layer``), and ``forward``
+returns the four maps the official backbone hands to the lifter (NCHW);
+``forward(x, with_heatmaps=True)`` also returns the COCO heatmaps, computed as
+the official COCO HRNet does (``final_layer(y_list[0])``, the last stage's
+fused finest output; the CA-PF code has that line commented out).
 """
 from __future__ import annotations
 
@@ -155,10 +158,11 @@ class PoseHighResolutionNet(nn.Module):
           for m in range(modules)]))
       previous = channels
     self.num_stages = len(stage_modules)
-    # The COCO heatmap head: in released checkpoints, never used by CA-PF.
+    # The COCO heatmap head (FINAL_CONV_KERNEL 1, padding 0, with bias): in
+    # released COCO checkpoints, never used by CA-PF.
     self.final_layer = nn.Conv2d(width, num_joints, 1)
 
-  def forward(self, x):
+  def forward(self, x, with_heatmaps: bool = False):
     x = torch.relu(self.bn1(self.conv1(x)))
     x = torch.relu(self.bn2(self.conv2(x)))
     ys = [self.layer1(x)]
@@ -174,4 +178,7 @@ class PoseHighResolutionNet(nn.Module):
         ys = module(ys)
     # ``xs`` is the list handed to the last stage; its first module has
     # overwritten the entries in place with its branch outputs.
-    return [ys[0], *xs[1:]]
+    maps = [ys[0], *xs[1:]]
+    if with_heatmaps:
+      return maps, self.final_layer(ys[0])
+    return maps

@@ -5,19 +5,29 @@ r"""Converts official PyTorch checkpoints into Flax variable directories.
 
 Kinds and the files they take:
   hrnet_32, hrnet_48  COCO backbones: a plain state dict
-                      (pose_hrnet_w{32,48}_256x192.pth; ``final_layer.*`` ignored).
+                      (pose_hrnet_w{32,48}_256x192.pth); every key is loaded,
+                      the heatmap head ``final_layer.*`` included.
   cpn                 COCO CPN50: ``{'state_dict': {'module.*': ...}}``
-                      (CPN50_256x192.pth.tar; its unused heads ignored).
+                      (CPN50_256x192.pth.tar); every key is loaded except
+                      GlobalNet's intermediate-supervision heads
+                      ``global_net.predict.*`` (the heatmap head is RefineNet's
+                      ``final_predict``, kept).
   capf                released CA-PF models. ``--dataset=h36m``:
                       ``{'model': {'module.backbone.*', 'module.volume_net.*'}}``
                       (best_epoch_{hrnet_32,hrnet_48,cpn}.bin); ``--dataset=3dhp``:
                       a plain state dict with the ``module.`` prefix
                       (HRNet_32_64_no_refine_24_3214.pth, HRNet_48_96_no_refine_45_3125.pth).
 
+A COCO conversion keeps the heatmap head (``model_config.backbone_kwargs.
+heatmap_head = true``), so ``Predictor.heatmaps`` / ``detect_2d`` work on it;
+CA-PF checkpoints have no head.
+
 The output directory (``contextpose_jax.api.Predictor.load`` reads it) holds
-an orbax checkpoint and ``model_config.json``. Conversion is strict and
-all-or-nothing: any missing, unexpected or mis-shaped key exits non-zero with
-one message and leaves no output directory.
+an orbax checkpoint and ``model_config.json``; it is created with the user's
+umask. Conversion is strict and all-or-nothing: a missing, unexpected or
+mis-shaped key, a non-finite (NaN/inf) value, an empty or unreadable file, an
+output that exists or cannot be written (checked before any work) -- every
+failure exits 1 with ONE line on stderr and leaves no output behind.
 """
 from __future__ import annotations
 
@@ -25,7 +35,10 @@ import argparse
 import hashlib
 import os
 import sys
+import tempfile
 from typing import Any, Mapping
+
+import numpy as np
 
 KINDS = ("capf", "hrnet_32", "hrnet_48", "cpn")
 
@@ -34,15 +47,61 @@ class InputError(ValueError):
   """The input file is not what ``--kind`` says it is."""
 
 
+def _one_line(text: str) -> str:
+  """The first non-empty line of ``text`` (exception texts can be many)."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  return lines[0] if lines else ""
+
+
+def _error_text(e: BaseException) -> str:
+  detail = _one_line(e)
+  return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
 def _read_torch_file(path: str) -> Any:
   import torch  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file")
+  if os.path.getsize(path) == 0:
+    raise InputError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise InputError(f"{path}: cannot be read as a PyTorch checkpoint "
-                     f"(truncated or corrupt?): {type(e).__name__}: {str(e).splitlines()[0]}") from e
+                     f"(truncated or corrupt?): {_error_text(e)}") from e
+
+
+def check_output_writable(output_dir: str) -> None:
+  """Fails unless ``output_dir`` can be created: it must not exist, and its
+  nearest existing ancestor must be a writable directory. Probed by creating
+  (and removing) a directory there, so read-only mounts and ACLs count too."""
+  output_dir = os.path.abspath(output_dir)
+  if os.path.lexists(output_dir):
+    raise InputError(f"{output_dir}: already exists; choose a new --output directory")
+  ancestor = os.path.dirname(output_dir)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise InputError(f"{output_dir}: cannot create the output: {ancestor} is not a directory")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".convert-probe-", dir=ancestor))
+  except OSError as e:
+    raise InputError(f"{output_dir}: cannot create the output: {ancestor} is not "
+                     f"writable ({_error_text(e)})") from e
+
+
+def check_finite(state_dict: Mapping[str, Any], path: str) -> None:
+  """Refuses NaN / inf in any floating tensor (weights and BatchNorm stats)."""
+  bad = []
+  for key, value in state_dict.items():
+    array = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+      bad.append(key)
+  if bad:
+    raise InputError(f"{path}: non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                     + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")
+                     + "; refusing to convert a broken checkpoint")
 
 
 def _is_state_dict(obj) -> bool:
@@ -79,16 +138,25 @@ def extract_state_dict(obj, kind: str, dataset: str, path: str) -> dict[str, Any
   # capf
   if dataset == "h36m":
     if not isinstance(obj, Mapping) or not _is_state_dict(obj.get("model")):
-      hint = (" -- a COCO backbone file? use --kind=hrnet_32/hrnet_48/cpn"
-              if _is_state_dict(obj) or "state_dict" in obj else "")
+      if _is_state_dict(obj) and any(str(k).startswith("module.volume_net.") for k in obj):
+        # The released 3DHP models are plain state dicts, the H36M ones are not.
+        hint = (" -- it looks like an MPI-INF-3DHP CA-PF model (a plain state dict of "
+                "'module.volume_net.*' keys): pass --dataset=3dhp")
+      elif _is_state_dict(obj) or (isinstance(obj, Mapping) and "state_dict" in obj):
+        hint = " -- a COCO backbone file? use --kind=hrnet_32/hrnet_48/cpn"
+      else:
+        hint = ""
       raise InputError(f"{path}: expected a CA-PF checkpoint, a dict with 'model' holding "
                        f"'module.backbone.*' and 'module.volume_net.*' keys; found "
                        f"{_describe(obj)}{hint}")
     state_dict = _strip_module(obj["model"], path)
   else:
     if not _is_state_dict(obj):
+      hint = (" -- it looks like a Human3.6M CA-PF checkpoint: drop --dataset=3dhp"
+              if isinstance(obj, Mapping) and _is_state_dict(obj.get("model")) else "")
       raise InputError(f"{path}: expected a CA-PF MPI-INF-3DHP state dict with "
-                       f"'module.backbone.*' / 'module.volume_net.*' keys; found {_describe(obj)}")
+                       f"'module.backbone.*' / 'module.volume_net.*' keys; found "
+                       f"{_describe(obj)}{hint}")
     state_dict = _strip_module(obj, path)
   if not any(k.startswith("volume_net.") for k in state_dict):
     raise InputError(f"{path}: no 'module.volume_net.*' (lifter) keys: not a CA-PF checkpoint"
@@ -104,17 +172,23 @@ def convert(kind: str, input_path: str, output_dir: str, *, backbone: str | None
 
   if kind not in KINDS:
     raise InputError(f"--kind must be one of {KINDS}, got {kind!r}")
-  if os.path.exists(output_dir):
-    raise InputError(f"{output_dir}: already exists; choose a new --output directory")
   if kind != "capf":
     if backbone not in (None, kind):
       raise InputError(f"--backbone={backbone} contradicts --kind={kind}")
     backbone = kind
   backbone = backbone or "hrnet_32"
   model_config = capf.default_model_config(backbone, dataset)
+  if kind != "capf":
+    # A COCO file keeps its heatmap head (Predictor.heatmaps / detect_2d).
+    model_config.backbone_kwargs.heatmap_head = True
+  # Before reading anything: a bad --output must not cost a whole conversion.
+  if not os.path.isfile(input_path):
+    raise InputError(f"{input_path}: no such file")
+  check_output_writable(output_dir)
 
   obj = _read_torch_file(input_path)
   state_dict = extract_state_dict(obj, kind, dataset, input_path)
+  check_finite(state_dict, input_path)
   model = capf.build_model(model_config)
   if kind == "capf":
     variables = capf.load_torch_state_dict(state_dict, model, model_config, source=input_path)
@@ -131,8 +205,15 @@ def convert(kind: str, input_path: str, output_dir: str, *, backbone: str | None
                          "kind": kind}})
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """Usage errors as one line too (argparse prints the usage block first)."""
+
+  def error(self, message):
+    self.exit(2, f"error: {_one_line(message)} (see --help)\n")
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = _OneLineParser(
       prog="python -m weights_conversion.convert",
       description="Convert official PyTorch CA-PF / COCO backbone checkpoints to Flax.")
   parser.add_argument("--kind", required=True, choices=KINDS)
@@ -147,7 +228,18 @@ def main(argv=None) -> int:
   try:
     convert(args.kind, args.input, args.output, backbone=args.backbone, dataset=args.dataset)
   except (InputError, ConversionError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 1
+  except OSError as e:  # e.g. the disk filled up while writing: nothing is left behind
+    print(f"error: {args.output}: conversion failed, nothing written: {_error_text(e)}",
+          file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f"error: interrupted; {args.output} not written", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything else is a bug or an input nobody foresaw: still one line.
+    print(f"error: {args.input}: conversion failed: {_error_text(e)}", file=sys.stderr)
     return 1
   print(f"wrote {args.output}")
   return 0

@@ -24,6 +24,11 @@ from contextpose_jax.models import HRNET_WIDTHS
 from contextpose_jax.models.lifter import Lifter
 
 MODEL_CONFIG_FILE = "model_config.json"
+HEATMAP_HEAD_MISSING = (
+    "this model has no COCO heatmap head (CA-PF checkpoints never include it): convert a "
+    "COCO backbone file (python -m weights_conversion.convert --kind=hrnet_32|hrnet_48|cpn "
+    "--input=pose_hrnet_w32_256x192.pth | pose_hrnet_w48_256x192.pth | "
+    "CPN50_256x192.pth.tar) to get heatmaps and 2D keypoints")
 VARIABLES_DIR = "variables"
 
 
@@ -45,6 +50,22 @@ class CAPF(nn.Module):
     if not self.train_backbone:
       maps = [jax.lax.stop_gradient(m) for m in maps]
     return maps
+
+  @property
+  def has_heatmap_head(self) -> bool:
+    return bool(getattr(self.backbone, "heatmap_head", False))
+
+  def heatmaps(self, images):
+    """The COCO heatmaps (B, 64, 48, 17) NHWC of a backbone built with its
+    head (``backbone_kwargs.heatmap_head``, set by the COCO converter)."""
+    return self.features_and_heatmaps(images)[1]
+
+  def features_and_heatmaps(self, images):
+    """``(maps, heatmaps)`` from one backbone pass (eval mode)."""
+    if not self.has_heatmap_head:
+      raise ValueError(HEATMAP_HEAD_MISSING)
+    maps, heatmaps = self.backbone(images, train=False, with_heatmaps=True)
+    return [_at_least_f32(m) for m in maps], _at_least_f32(heatmaps)
 
   def __call__(self, images, keypoints_2d, keypoints_2d_crop, train: bool = False):
     # Crop pixels -> sampling coordinates: x / 96 - 1, y / 128 - 1 (the official
@@ -147,7 +168,8 @@ def save_variables(directory: str, variables, model_config, *,
 
   The directory is assembled next to its final place and renamed into it, so
   a failure never leaves a partial output behind. An existing directory is
-  refused.
+  refused. Directories get the user's umask (``mkdtemp`` alone would make the
+  output ``drwx------``).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
@@ -164,10 +186,32 @@ def save_variables(directory: str, variables, model_config, *,
     record.update(extra or {})
     with open(os.path.join(staging, MODEL_CONFIG_FILE), "w") as f:
       json.dump(record, f, indent=2, sort_keys=True)
+    _apply_umask_to_directories(staging)
     os.rename(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def current_umask() -> int:
+  """The process umask, read without changing it where Linux allows
+  (``os.umask`` can only be read by setting it, racing other threads)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _apply_umask_to_directories(root: str) -> None:
+  mode = 0o777 & ~current_umask()
+  for path, _, _ in os.walk(root):
+    os.chmod(path, mode)
 
 
 def load_model_config(directory: str) -> ml_collections.ConfigDict:

@@ -19,10 +19,15 @@ import jax.numpy as jnp
 from contextpose_jax.models import torch_import
 from contextpose_jax.models.resize import resize_bilinear_align_corners
 
-# Heads that every official checkpoint holds but whose outputs CA-PF never
-# uses: GlobalNet's per-level heatmap predictors (run, then discarded, by the
-# official forward) and RefineNet's final heatmap predictor (not run at all).
+# Heads that every official checkpoint holds. GlobalNet's per-level heatmap
+# predictors are run, then discarded, by the official forward (its outputs are
+# the intermediate supervision of CPN training; the CPN test code reads only
+# the RefineNet output), so they are always ignored. RefineNet's
+# `final_predict` is the COCO heatmap head: not run by CA-PF (ignored without
+# `heatmap_head`), loaded with it.
 TORCH_IGNORED_KEYS = (r'^global_net\.predict\.', r'^refine_net\.final_predict\.')
+TORCH_IGNORED_KEYS_WITH_HEAD = (r'^global_net\.predict\.',)
+NUM_COCO_JOINTS = 17
 
 
 def _conv(features, kernel, strides=1, *, name, dtype):
@@ -127,9 +132,14 @@ class GlobalNet(nn.Module):
 
 class RefineNet(nn.Module):
   """Cascade i refines pyramid level i with (levels - 1 - i) bottlenecks and
-  resizes it to the output resolution."""
+  resizes it to the output resolution.
+
+  Returns ``(outputs, heatmaps)``; heatmaps is None without ``heatmap_head``.
+  """
   lateral_channels: int = 256
   output_hw: Sequence[int] = (64, 48)
+  heatmap_head: bool = False
+  num_joints: int = NUM_COCO_JOINTS
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -141,7 +151,17 @@ class RefineNet(nn.Module):
         x = Bottleneck(self.lateral_channels // 2, 2, 1, True,
                        dtype=self.dtype, name=f'cascade_{i}_{k}')(x, train)
       outputs.append(resize_bilinear_align_corners(x, self.output_hw))
-    return outputs
+    if not self.heatmap_head:
+      return outputs, None
+    # Official `final_predict` on the channel-concatenated cascade (cascade
+    # order): Bottleneck(4 * 256 -> 128 planes, expansion 2, projected) ->
+    # 3x3 conv (no bias) -> BN. The official forward has it commented out.
+    x = jnp.concatenate(outputs, axis=-1)
+    x = Bottleneck(self.lateral_channels // 2, 2, 1, True, dtype=self.dtype,
+                   name='final_predict_0')(x, train)
+    x = _conv(self.num_joints, 3, name='final_predict_1', dtype=self.dtype)(x)
+    heatmaps = _batch_norm(train, name='final_predict_2', dtype=self.dtype)(x)
+    return outputs, heatmaps
 
 
 class CPN(nn.Module):
@@ -150,23 +170,32 @@ class CPN(nn.Module):
   `width` is the ResNet base width (64 for ResNet-50; stage outputs are
   4, 8, 16, 32 times it); RefineNet bottlenecks use lateral_channels // 2
   planes. `dtype` is the compute dtype; parameters stay float32.
+  With `heatmap_head` the RefineNet's `final_predict` is built and
+  `with_heatmaps=True` returns `(maps, heatmaps)`, heatmaps
+  (B, *output_hw, num_joints) from the same pass.
   """
   resnet_layers: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   lateral_channels: int = 256
   output_hw: Sequence[int] = (64, 48)
+  heatmap_head: bool = False
+  num_joints: int = NUM_COCO_JOINTS
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, with_heatmaps: bool = False):
     if len(self.resnet_layers) != 4:
       raise ValueError(f'CPN: resnet_layers needs 4 stages, got {self.resnet_layers}')
     stages = ResNet(tuple(self.resnet_layers), self.width, self.dtype,
                     name='resnet')(images, train)
     pyramid = GlobalNet(self.lateral_channels, self.dtype,
                         name='global_net')(stages, train)
-    return RefineNet(self.lateral_channels, tuple(self.output_hw), self.dtype,
-                     name='refine_net')(pyramid, train)
+    if with_heatmaps and not self.heatmap_head:
+      raise ValueError('CPN: built without the heatmap head (heatmap_head=False)')
+    maps, heatmaps = RefineNet(self.lateral_channels, tuple(self.output_hw),
+                               self.heatmap_head, self.num_joints, self.dtype,
+                               name='refine_net')(pyramid, train)
+    return (maps, heatmaps) if with_heatmaps else maps
 
 
 def load_torch_state_dict(state_dict: Mapping[str, Any], module: CPN,
@@ -175,7 +204,8 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], module: CPN,
   Flax variables {'params', 'batch_stats'} for `module`.
 
   Raises torch_import.ConversionError naming every missing, unexpected or
-  mis-shaped key.
+  mis-shaped key. `refine_net.final_predict.*` is loaded when
+  `module.heatmap_head`, else ignored.
   """
   # Parameter shapes do not depend on the image size; use the native crop.
   h, w = (4 * s for s in module.output_hw)
@@ -183,4 +213,5 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], module: CPN,
   target = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
   state_dict = torch_import.to_numpy(state_dict)
   return torch_import.convert_state_dict(
-      state_dict, target, ignore=TORCH_IGNORED_KEYS, source=source)
+      state_dict, target, source=source,
+      ignore=TORCH_IGNORED_KEYS_WITH_HEAD if module.heatmap_head else TORCH_IGNORED_KEYS)

@@ -3,8 +3,10 @@
 Behaviour of the official ``PoseHighResolutionNet`` (Sun et al., 2019) as the
 CA-PF code uses it: a stem of two stride-2 3x3 convs and ``layer1``
 (Bottlenecks), then stages of 2, 3 and 4 parallel branches of BasicBlocks with
-all-to-all fusion; the heatmap head (``final_layer``) is not part of the
-backbone. Submodules are named after the torch attributes with the digit
+all-to-all fusion. The COCO heatmap head (``final_layer``, a 1x1 conv with
+bias from the final finest-branch output to 17 joint heatmaps) is built only
+with ``heatmap_head=True``: CA-PF never uses it (its checkpoints lack it), a
+converted COCO file keeps it for 2D detection. Submodules are named after the torch attributes with the digit
 segments merged (``stage2.0.branches.1.3`` -> ``stage2_0/branches_1_3``), so
 ``load_torch_state_dict`` maps an official checkpoint key by key.
 """
@@ -18,8 +20,12 @@ from flax import linen as nn
 
 from contextpose_jax.models import torch_import
 
-# COCO checkpoints carry the heatmap head; the CA-PF backbone never uses it.
+# COCO checkpoints carry the heatmap head; a backbone built without it
+# (``heatmap_head=False``, the CA-PF backbone) ignores those keys. With the
+# head every key of a COCO file is loaded.
 TORCH_IGNORED_KEYS = (r"^final_layer\.",)
+TORCH_IGNORED_KEYS_WITH_HEAD = ()
+NUM_COCO_JOINTS = 17
 
 # Official init when trained from scratch: conv weights N(0, 0.001), BN 1 / 0.
 _conv_init = nn.initializers.normal(stddev=0.001)
@@ -125,6 +131,9 @@ class HighResolutionModule(nn.Module):
 class HRNet(nn.Module):
   """HRNet backbone: ``images (B, H, W, 3) -> [y0, x1, x2, x3]`` (NHWC).
 
+  With ``with_heatmaps=True`` (needs ``heatmap_head``) returns
+  ``(maps, heatmaps)``, heatmaps (B, H/4, W/4, num_joints) from the same pass.
+
   H and W must be multiples of 32 (the official fusion needs it). At 256x192
   the W32 maps are 64x48x32, 32x24x64, 16x12x128 and 8x6x256.
 
@@ -134,6 +143,8 @@ class HRNet(nn.Module):
     num_blocks: BasicBlocks per branch in every module.
     stem_channels: stem and layer1 planes (layer1 outputs 4x this).
     layer1_blocks: Bottlenecks in layer1.
+    heatmap_head: build the COCO ``final_layer`` (its params exist only then).
+    num_joints: heatmap channels of the head (17 COCO joints).
     dtype: compute dtype (params stay float32); the maps come out in it.
   """
   width: int = 32
@@ -141,10 +152,12 @@ class HRNet(nn.Module):
   num_blocks: int = 4
   stem_channels: int = 64
   layer1_blocks: int = 4
+  heatmap_head: bool = False
+  num_joints: int = NUM_COCO_JOINTS
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, with_heatmaps: bool = False):
     if len(self.stage_modules) != 3 or min(self.stage_modules) < 1:
       raise ValueError(f"HRNet: stage_modules must be 3 counts >= 1, got "
                        f"{self.stage_modules}")
@@ -192,8 +205,16 @@ class HRNet(nn.Module):
     # Official quirk: the lifter gets the list handed to the last stage, but
     # its first module overwrites that list in place with its branch outputs
     # (after the BasicBlocks, before fusion), so x1..x3 are those outputs.
-    maps = [ys[0], *taps[1:]]
-    return [jnp.asarray(m, dt) for m in maps]
+    maps = [jnp.asarray(m, dt) for m in [ys[0], *taps[1:]]]
+    if with_heatmaps and not self.heatmap_head:
+      raise ValueError("HRNet: built without the heatmap head (heatmap_head=False)")
+    if not self.heatmap_head:
+      return maps
+    # The official COCO head: final_layer(y_list[0]), FINAL_CONV_KERNEL 1,
+    # init N(0, 0.001) / bias 0. Unused outputs are dropped under jit.
+    heatmaps = nn.Conv(self.num_joints, (1, 1), use_bias=True, kernel_init=_conv_init,
+                       dtype=dt, name="final_layer")(ys[0])
+    return (maps, heatmaps) if with_heatmaps else maps
 
 
 def load_torch_state_dict(state_dict: Mapping[str, Any], module: HRNet,
@@ -201,10 +222,12 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], module: HRNet,
   """Official HRNet state dict (numpy or torch values) -> Flax variables.
 
   Raises ``torch_import.ConversionError`` naming every missing, unexpected or
-  mis-shaped key (e.g. a W48 file loaded into a W32 module).
+  mis-shaped key (e.g. a W48 file loaded into a W32 module). ``final_layer.*``
+  is loaded when ``module.heatmap_head``, else ignored.
   """
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   target = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
   return torch_import.convert_state_dict(
-      torch_import.to_numpy(state_dict), target, ignore=TORCH_IGNORED_KEYS,
+      torch_import.to_numpy(state_dict), target,
+      ignore=TORCH_IGNORED_KEYS_WITH_HEAD if module.heatmap_head else TORCH_IGNORED_KEYS,
       source=source)
