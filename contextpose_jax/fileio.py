@@ -14,8 +14,17 @@ import tempfile
 from typing import Callable, Iterator
 
 
-def _umask() -> int:
-  mask = os.umask(0)
+def current_umask() -> int:
+  """The process umask, read without changing it where Linux allows
+  (``os.umask`` can only be read by setting it, racing other threads)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
   os.umask(mask)
   return mask
 
@@ -23,7 +32,7 @@ def _umask() -> int:
 def apply_umask(path: str) -> None:
   """Gives `path` (a directory tree made by tempfile: 0700 / 0600) the modes
   a plain mkdir / open would have given it under the user's umask."""
-  mask = _umask()
+  mask = current_umask()
   for root, dirs, files in os.walk(path):
     os.chmod(root, 0o777 & ~mask)
     for name in files:
@@ -44,7 +53,7 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
   os.close(fd)
   try:
     write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

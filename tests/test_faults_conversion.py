@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from contextpose_jax import fileio
 from contextpose_jax.models import capf
 from torch_reference import capf as ref_capf
 from weights_conversion import convert
@@ -243,4 +244,4 @@ def test_output_directories_follow_umask(coco_w32, tmp_path, capsys, umask):
   other = tmp_path / "other"
   capf.save_variables(str(other), {"params": {"a": np.zeros(3, np.float32)}}, {"x": 1})
   assert set(_modes(other).values()) == {0o750}
-  assert capf.current_umask() == 0o027
+  assert fileio.current_umask() == 0o027

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from contextpose_jax import fileio
 from contextpose_jax import skeleton
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models import HRNET_WIDTHS
@@ -172,13 +171,7 @@ def save_variables(directory: str, variables, model_config, *,
   output ``drwx------``).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    raise FileExistsError(f"{directory}: already exists; choose a new output directory")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
-  try:
+  with fileio.new_directory(directory) as staging:
     tree = jax.tree_util.tree_map(np.asarray, dict(variables))
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(staging, VARIABLES_DIR), tree)
@@ -186,32 +179,6 @@ def save_variables(directory: str, variables, model_config, *,
     record.update(extra or {})
     with open(os.path.join(staging, MODEL_CONFIG_FILE), "w") as f:
       json.dump(record, f, indent=2, sort_keys=True)
-    _apply_umask_to_directories(staging)
-    os.rename(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-
-
-def current_umask() -> int:
-  """The process umask, read without changing it where Linux allows
-  (``os.umask`` can only be read by setting it, racing other threads)."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("Umask:"):
-          return int(line.split()[1], 8)
-  except OSError:
-    pass
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-def _apply_umask_to_directories(root: str) -> None:
-  mode = 0o777 & ~current_umask()
-  for path, _, _ in os.walk(root):
-    os.chmod(path, mode)
 
 
 def load_model_config(directory: str) -> ml_collections.ConfigDict:
