@@ -196,7 +196,7 @@ def test_other_failures_are_one_line(coco_w32, tmp_path, capsys, monkeypatch):
     convert.main(["--kind=resnet", f"--input={coco_w32}", f"--output={out}"])
   assert e.value.code == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: argument --kind: invalid choice: 'resnet'")
+  assert err.startswith("error: flag --kind=resnet: value should be one of")
   assert len(err.strip().splitlines()) == 1
 
   # The disk fills up while the output is written: one line, nothing left.

@@ -1,6 +1,6 @@
 r"""Converts official PyTorch checkpoints into Flax variable directories.
 
-    python -m weights_conversion.convert --kind=capf --backbone=hrnet_32 \
+    capf-convert --kind=capf --backbone=hrnet_32 \
         --input=best_epoch_hrnet_32.bin --output=converted/capf_hrnet_32
 
 Kinds and the files they take:
@@ -31,16 +31,20 @@ failure exits 1 with ONE line on stderr and leaves no output behind.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
 import tempfile
 from typing import Any, Mapping
 
+from absl import flags
 import numpy as np
 
-KINDS = ("capf", "hrnet_32", "hrnet_48", "cpn")
+from contextpose_jax import cli
+from contextpose_jax.models import BACKBONES
+from contextpose_jax.models.torch_import import ConversionError
+
+KINDS = ("capf", *BACKBONES)
 
 
 class InputError(ValueError):
@@ -205,26 +209,21 @@ def convert(kind: str, input_path: str, output_dir: str, *, backbone: str | None
                          "kind": kind}})
 
 
-class _OneLineParser(argparse.ArgumentParser):
-  """Usage errors as one line too (argparse prints the usage block first)."""
-
-  def error(self, message):
-    self.exit(2, f"error: {_one_line(message)} (see --help)\n")
+_FLAGS = flags.FlagValues()
+flags.DEFINE_enum("kind", None, KINDS, "what the file holds (see above)", flag_values=_FLAGS)
+flags.DEFINE_enum("backbone", None, BACKBONES,
+                  "backbone of a --kind=capf checkpoint (default hrnet_32)", flag_values=_FLAGS)
+flags.DEFINE_enum("dataset", "h36m", ("h36m", "3dhp"),
+                  "which CA-PF model a --kind=capf file holds", flag_values=_FLAGS)
+flags.DEFINE_string("input", None, "the PyTorch file", flag_values=_FLAGS)
+flags.DEFINE_string("output", None, "new directory to write", flag_values=_FLAGS)
+for _name in ("kind", "input", "output"):
+  flags.mark_flag_as_required(_name, flag_values=_FLAGS)
 
 
 def main(argv=None) -> int:
-  parser = _OneLineParser(
-      prog="python -m weights_conversion.convert",
-      description="Convert official PyTorch CA-PF / COCO backbone checkpoints to Flax.")
-  parser.add_argument("--kind", required=True, choices=KINDS)
-  parser.add_argument("--backbone", choices=("hrnet_32", "hrnet_48", "cpn"),
-                      help="backbone of a --kind=capf checkpoint (default hrnet_32)")
-  parser.add_argument("--dataset", choices=("h36m", "3dhp"), default="h36m",
-                      help="which CA-PF model a --kind=capf file holds")
-  parser.add_argument("--input", required=True, help="the PyTorch file")
-  parser.add_argument("--output", required=True, help="new directory to write")
-  args = parser.parse_args(argv)
-  from contextpose_jax.models.torch_import import ConversionError  # pylint: disable=g-import-not-at-top
+  cli.parse(_FLAGS, argv, prog="capf-convert", doc=__doc__)
+  args = _FLAGS
   try:
     convert(args.kind, args.input, args.output, backbone=args.backbone, dataset=args.dataset)
   except (InputError, ConversionError, FileExistsError, ValueError) as e:
