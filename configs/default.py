@@ -54,8 +54,13 @@ def get_config():
   config.data.batch_size = config.get_ref('batch_size')
   config.data.eval_batch_size = 512  # global; any size (the last batch is padded)
   config.data.flip_augmentation = True  # H36M: p = 0.5; 3DHP trains without
+  config.data.flip_prob = 0.5
   config.data.flip_per_example = False  # official: one coin per batch
-  config.data.num_workers = 8
+  config.data.eval_valid_only = True  # 3DHP: evaluate the valid frames only
+  config.data.backbone = ''  # image normalisation; '' = model.backbone's
+  config.data.num_workers = 8  # threads decoding batches
+  config.data.prefetch = 2  # batches buffered ahead
+  config.data.worker_processes = 0  # >0: batches made in that many processes
   config.data.shuffle_seed = 0
   config.data.build_if_missing = False  # only the synthetic set is built on use
 

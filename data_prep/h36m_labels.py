@@ -27,7 +27,6 @@ import numpy as np
 
 from contextpose_jax import geometry
 from data_prep import h36m_metadata
-from data_prep import human36m
 from data_prep import records
 from data_prep import safe_pickle
 
@@ -99,22 +98,13 @@ def load_cpn(manual_dir):
   path = _cpn_path(manual_dir)
   if path is None:
     raise records.DataError(f'--manual_dir={manual_dir} has no {CPN_FILE}')
-  try:
-    positions = safe_pickle.load_npz(path)['positions_2d'].item()
-    if not isinstance(positions, dict):
-      raise TypeError(f'positions_2d holds a {type(positions).__name__}')
-    return positions
-  except safe_pickle.UnsafePickleError as e:
-    raise records.DataError(str(e)) from None
-  except Exception as e:  # pylint: disable=broad-except
-    raise records.DataError(f'{path}: not a VideoPose3D 2D-detection file '
-                            f'({type(e).__name__}: {e})') from None
+  return records.load_npz_dict(path, 'positions_2d', 'a VideoPose3D 2D-detection file')
 
 
 def _frames_available(manual_dir, frame_source, s, a, sa, c, nposes):
   """(exists mask over 0..nposes-1, frame width, frame height)."""
   if frame_source == 'video':
-    path = human36m.video_path(manual_dir, {'subject': s, 'action': a,
+    path = h36m_metadata.video_path(manual_dir, {'subject': s, 'action': a,
                                             'subaction': sa, 'camera': c - 1})
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
@@ -130,10 +120,10 @@ def _frames_available(manual_dir, frame_source, s, a, sa, c, nposes):
   for i in range(nposes):
     row = {'subject': s, 'action': a, 'subaction': sa, 'camera': c - 1,
            'frame': i + 1}
-    path = human36m.frame_path(image_root, row)
+    path = h36m_metadata.frame_path(image_root, row)
     exists[i] = os.path.isfile(path)
     if exists[i] and size is None:
-      frame = human36m.read_frame(path)
+      frame = records.read_frame(path)
       size = frame.shape[1], frame.shape[0]
   w, h = size or (0, 0)
   return exists, w, h
@@ -145,7 +135,7 @@ def video_labels(pose3d_mm, pose2d_gt, cpn, camera, exists, w, h, meta):
   fx, fy, cx, cy = camera
   s, a, sa, c, video_id = meta
   frames = np.flatnonzero(exists)
-  rows = np.zeros(len(frames), human36m.LABEL_DTYPE)
+  rows = np.zeros(len(frames), h36m_metadata.LABEL_DTYPE)
   for k, i in enumerate(frames):
     joints_3d = pose3d_mm[i, JOINT_IDX]
     center, scale = geometry.box_to_center_scale(

@@ -1,4 +1,6 @@
-"""Human3.6M file naming: (subject, action, subaction, camera) -> base name.
+"""Human3.6M facts: file naming, the frame / video layout, the label table.
+
+(subject, action, subaction, camera) -> base name:
 
 The per-subject file-name prefixes of the 30 (action, subaction) trials, in
 the order action 2..16 x subaction 1..2, as listed in the `mapping` table of
@@ -7,6 +9,10 @@ the Human3.6M `metadata.xml` that H36M-Toolbox reads (`metadata.py`,
 original recordings are named `<prefix>.<camera id>.{cdf,mp4}`.
 """
 from __future__ import annotations
+
+import os
+
+import numpy as np
 
 CAMERA_IDS = ('54138969', '55011271', '58860488', '60457274')
 SUBJECTS = (1, 5, 6, 7, 8, 9, 11)
@@ -104,3 +110,37 @@ INTRINSICS = (
     (1145.51133842318, 1144.77392807652, 514.968197319863, 501.882018537695),
 )
 FRAME_SIZES = ((1000, 1002), (1000, 1000), (1000, 1000), (1000, 1002))
+
+# Our Human3.6M label table (`human36m.OFFICIAL_FIELDS` maps the official fields).
+LABEL_DTYPE = np.dtype([
+    ('keypoints_2d', np.float32, (17, 2)),
+    ('keypoints_2d_crop', np.float32, (17, 2)),
+    ('keypoints_3d', np.float32, (17, 3)),
+    ('center', np.float64, (2,)), ('scale', np.float64, (2,)),
+    ('subject', np.int32), ('action', np.int32), ('subaction', np.int32),
+    ('camera', np.int32), ('frame', np.int32), ('video_id', np.int32)])
+
+
+def video_dirname(subject, action, subaction, camera) -> str:
+  """The official image folder; `camera` is 0-based (folders are 1-based)."""
+  return (f's_{int(subject):02d}_act_{int(action):02d}_subact_'
+          f'{int(subaction):02d}_ca_{int(camera) + 1:02d}')
+
+
+def frame_path(image_root, row) -> str:
+  subdir = video_dirname(row['subject'], row['action'], row['subaction'],
+                         row['camera'])
+  return os.path.join(image_root, subdir,
+                      f'{subdir}_{int(row["frame"]):06d}.jpg')
+
+
+def describe(row) -> str:
+  return (video_dirname(row['subject'], row['action'], row['subaction'],
+                        row['camera']) + f' frame {int(row["frame"])}')
+
+
+def video_path(manual_dir, row) -> str:
+  name = base_filename(int(row['subject']), int(row['action']),
+                                     int(row['subaction']), int(row['camera']))
+  return os.path.join(manual_dir, 'extracted', f'S{int(row["subject"])}',
+                      'Videos', name + '.mp4')

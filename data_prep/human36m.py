@@ -29,6 +29,7 @@ import numpy as np
 
 from contextpose_jax import geometry
 from contextpose_jax import image_io
+from data_prep import h36m_labels
 from data_prep import h36m_metadata
 from data_prep import records
 from data_prep import safe_pickle
@@ -38,14 +39,6 @@ SPLITS = {'train': h36m_metadata.TRAIN_SUBJECTS,
           'validation': h36m_metadata.VALIDATION_SUBJECTS}
 LABEL_FILES = {'train': 'h36m_train.pkl', 'validation': 'h36m_validation.pkl'}
 
-# Our label table; the official field it comes from, and its shape.
-LABEL_DTYPE = np.dtype([
-    ('keypoints_2d', np.float32, (17, 2)),
-    ('keypoints_2d_crop', np.float32, (17, 2)),
-    ('keypoints_3d', np.float32, (17, 3)),
-    ('center', np.float64, (2,)), ('scale', np.float64, (2,)),
-    ('subject', np.int32), ('action', np.int32), ('subaction', np.int32),
-    ('camera', np.int32), ('frame', np.int32), ('video_id', np.int32)])
 OFFICIAL_FIELDS = {
     'keypoints_2d': ('joints_2d_cpn', (17, 2)),
     'keypoints_2d_crop': ('joints_2d_cpn_crop', (17, 2)),
@@ -57,30 +50,12 @@ OFFICIAL_FIELDS = {
 }
 
 
-def video_dirname(subject, action, subaction, camera) -> str:
-  """The official image folder; `camera` is 0-based (folders are 1-based)."""
-  return (f's_{int(subject):02d}_act_{int(action):02d}_subact_'
-          f'{int(subaction):02d}_ca_{int(camera) + 1:02d}')
-
-
-def frame_path(image_root, row) -> str:
-  subdir = video_dirname(row['subject'], row['action'], row['subaction'],
-                         row['camera'])
-  return os.path.join(image_root, subdir,
-                      f'{subdir}_{int(row["frame"]):06d}.jpg')
-
-
-def describe(row) -> str:
-  return (video_dirname(row['subject'], row['action'], row['subaction'],
-                        row['camera']) + f' frame {int(row["frame"])}')
-
-
 def labels_from_records(items, where: str) -> np.ndarray:
   """Official label dicts -> our table, with one-line errors on bad input."""
   if not isinstance(items, (list, tuple)):
     raise records.DataError(f'{where}: want a list of label dicts, got '
                             f'{type(items).__name__}')
-  table = np.zeros(len(items), LABEL_DTYPE)
+  table = np.zeros(len(items), h36m_metadata.LABEL_DTYPE)
   for i, item in enumerate(items):
     if not isinstance(item, dict):
       raise records.DataError(f'{where}: record {i} is a '
@@ -136,28 +111,10 @@ def load_toolbox_pickle(path: str, split: str) -> np.ndarray:
 
 
 def read_jpeg_frame(image_root, row) -> np.ndarray:
-  path = frame_path(image_root, row)
+  path = h36m_metadata.frame_path(image_root, row)
   if not os.path.exists(path):
-    raise records.DataError(f'missing frame {path} ({describe(row)})')
-  return read_frame(path)
-
-
-def read_frame(path) -> np.ndarray:
-  """A source frame as the official loader reads it (cv2.imread, BGR), but
-  strictly: a truncated or corrupt image is an error naming the file."""
-  try:
-    return image_io.read_image(
-        path, bgr=True,
-        flags=cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-  except image_io.ImageError as e:
-    raise records.DataError(str(e)) from None
-
-
-def video_path(manual_dir, row) -> str:
-  name = h36m_metadata.base_filename(int(row['subject']), int(row['action']),
-                                     int(row['subaction']), int(row['camera']))
-  return os.path.join(manual_dir, 'extracted', f'S{int(row["subject"])}',
-                      'Videos', name + '.mp4')
+    raise records.DataError(f'missing frame {path} ({h36m_metadata.describe(row)})')
+  return records.read_frame(path)
 
 
 class VideoFrames:
@@ -184,7 +141,7 @@ class VideoFrames:
     self._path, self._next = path, 0
 
   def read(self, row) -> np.ndarray:
-    path = video_path(self._manual_dir, row)
+    path = h36m_metadata.video_path(self._manual_dir, row)
     index = int(row['frame']) - 1
     if path != self._path or index < self._next:
       self._open(path)
@@ -214,7 +171,7 @@ def crop_example(frame_bgr, row, image_format, jpeg_quality) -> dict:
   }
   for key in records.INT_FIELDS:
     example[key] = int(row[key])
-  records.check_example(example, describe(row))
+  records.check_example(example, h36m_metadata.describe(row))
   return example
 
 
@@ -255,7 +212,6 @@ def load_labels(manual_dir, labels='auto', frame_source='jpeg', log=print):
   have_pickles = all(os.path.exists(p) for p in paths.values())
   if labels == 'pickle' or (labels == 'auto' and have_pickles):
     return {s: load_toolbox_pickle(p, s) for s, p in paths.items()}
-  from data_prep import h36m_labels  # pylint: disable=g-import-not-at-top
   if labels == 'auto' and not h36m_labels.has_raw_files(manual_dir):
     raise records.DataError(
         f'--manual_dir={manual_dir} has neither h36m_train.pkl + '

@@ -37,7 +37,6 @@ from contextpose_jax import geometry
 from contextpose_jax import image_io
 from contextpose_jax import skeleton
 from data_prep import records
-from data_prep import safe_pickle
 
 NAME = 'mpi_inf_3dhp'
 TRAIN_NPZ = 'data_train_3dhp.npz'
@@ -69,16 +68,8 @@ INTRINSICS = (
 def _load_npz(path):
   if not os.path.exists(path):
     raise records.DataError(f'missing {path}')
-  try:
-    data = safe_pickle.load_npz(path)['data'].item()
-    if not isinstance(data, dict):
-      raise TypeError(f"'data' holds a {type(data).__name__}")
-    return data
-  except safe_pickle.UnsafePickleError as e:
-    raise records.DataError(str(e)) from None
-  except Exception as e:  # pylint: disable=broad-except
-    raise records.DataError(f'{path}: not a P-STMO 3DHP label file (want an '
-                            f"npz with a pickled dict 'data'; {e})") from None
+  return records.load_npz_dict(path, 'data', "a P-STMO 3DHP label file (want an npz "
+                               "with a pickled dict 'data')")
 
 
 def _arrays(anim, where, keys):

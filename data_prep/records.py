@@ -17,25 +17,34 @@ an interrupted build with the same options reuses its finished shards.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+import cv2
 import numpy as np
-import tensorflow_datasets as tfds
-
 from array_record.python import array_record_module
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core import naming
+
+from contextpose_jax import image_io
 from contextpose_jax import locking
+from contextpose_jax import skeleton
+from data_prep import safe_pickle
 
 VERSION = '1.0.0'
-NUM_JOINTS = 17
-IMAGE_SHAPE = (256, 192, 3)
+NUM_JOINTS = skeleton.NUM_JOINTS
+IMAGE_SHAPE = (skeleton.CROP_HEIGHT, skeleton.CROP_WIDTH, 3)
 INT_FIELDS = ('subject', 'action', 'subaction', 'camera', 'frame', 'video_id')
 
 
@@ -68,7 +77,6 @@ def features(image_format: str = 'jpeg', mpi_inf_3dhp: bool = False):
 def encode_crop(crop_bgr: np.ndarray, image_format: str,
                 jpeg_quality: int) -> bytes:
   """Encodes an OpenCV (BGR) crop; the stored image is RGB."""
-  import cv2  # pylint: disable=g-import-not-at-top
   if crop_bgr.shape != IMAGE_SHAPE or crop_bgr.dtype != np.uint8:
     raise DataError(f'crop must be uint8 {IMAGE_SHAPE}, got '
                     f'{crop_bgr.dtype} {crop_bgr.shape}')
@@ -124,7 +132,6 @@ def _write_shard(name: str, work_dir: str, task: ShardTask,
                  make_examples: Callable[[ShardTask], Iterable[dict]],
                  feature_spec) -> dict[str, int]:
   """Writes one shard atomically; returns its length and size."""
-  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
   serializer = example_serializer.ExampleSerializer(
       feature_spec.get_serialized_info())
   final = os.path.join(work_dir, shard_filename(
@@ -165,8 +172,6 @@ def _end_with_parent(parent_pid: int) -> None:
   """
   if sys.platform.startswith('linux'):
     try:
-      import ctypes  # pylint: disable=g-import-not-at-top
-      import signal  # pylint: disable=g-import-not-at-top
       libc = ctypes.CDLL(None, use_errno=True)
       pr_set_pdeathsig = 1
       libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
@@ -180,7 +185,6 @@ def _end_with_parent(parent_pid: int) -> None:
       time.sleep(1.0)
     os._exit(1)  # pylint: disable=protected-access
 
-  import threading  # pylint: disable=g-import-not-at-top
   threading.Thread(target=watch, name='end-with-parent', daemon=True).start()
 
 
@@ -323,11 +327,35 @@ def _build_locked(*, name, dataset_dir, final_dir, feature_spec, shards,
 
 
 def _template(work_dir, name, split):
-  from tensorflow_datasets.core import naming  # pylint: disable=g-import-not-at-top
   return naming.ShardedFileTemplate(
       data_dir=work_dir, dataset_name=name, split=split,
       filetype_suffix='array_record')
 
+
+
+def load_npz_dict(path: str, key: str, what: str) -> dict:
+  """The pickled dict stored as the 0-d object array `key` of a legacy npz,
+  read through the restricted unpickler (`safe_pickle`)."""
+  try:
+    value = safe_pickle.load_npz(path)[key].item()
+    if not isinstance(value, dict):
+      raise TypeError(f'{key!r} holds a {type(value).__name__}')
+    return value
+  except safe_pickle.UnsafePickleError as e:
+    raise DataError(str(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{path}: not {what} ({type(e).__name__}: {e})') from None
+
+
+def read_frame(path) -> np.ndarray:
+  """A source frame as the official loader reads it (cv2.imread, BGR), but
+  strictly: a truncated or corrupt image is an error naming the file."""
+  try:
+    return image_io.read_image(
+        path, bgr=True,
+        flags=cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+  except image_io.ImageError as e:
+    raise DataError(str(e)) from None
 
 def fail(message: str, status: int = 1) -> None:
   """One-line error for the command line."""

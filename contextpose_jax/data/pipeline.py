@@ -16,13 +16,13 @@ Evaluation (`make_eval_iterator`): one pass over every example (3DHP: every
 VALID frame unless `config.data.eval_valid_only` is False), padded to whole
 global batches, `mask` = 0 on the padding; flip-test pairs included.
 
-Config fields (`config.data`, defaults in brackets): `name`, `data_dir`,
+Config fields (`config.data`; `configs/default.py` sets each, defaults in brackets): `name`, `data_dir`,
 `batch_size` (GLOBAL), [`eval_batch_size` = batch_size],
 [`flip_augmentation` True], [`flip_prob` 0.5], [`flip_per_example` False],
 [`shuffle_seed` None -> the `seed` argument], [`num_workers` 2: threads
 decoding batches], [`prefetch` 2: batches buffered ahead],
 [`worker_processes` 0: >0 moves batch making into that many processes],
-[`backbone` None -> `config.model.backbone`], [`train_split` 'train'],
+[`backbone` '' -> `config.model.backbone`], [`train_split` 'train'],
 [`eval_valid_only` True].
 """
 from __future__ import annotations
@@ -30,9 +30,14 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+from absl import flags
+from array_record.python import array_record_module
+from etils import epath
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from contextpose_jax import skeleton
 from contextpose_jax.data import transforms
@@ -83,7 +88,6 @@ def sequence_id(sequence) -> int:
 
 
 def _process_info():
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index(), jax.process_count()
 
 
@@ -116,7 +120,6 @@ def _shard_of(records, index) -> str:
 def check_shards(records) -> None:
   """Every shard file of an ArrayRecordDataSource holds its records (a
   truncated shard reads as fewer records; it fails here, not mid-epoch)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   for instruction in getattr(records, '_read_instructions', ()):
     path = str(instruction.filename)
     try:
@@ -170,7 +173,6 @@ class RecordSource:
 
   @staticmethod
   def _parse(serialized):
-    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
     return tf_example_pb2.Example.FromString(serialized)
 
   def __getitem__(self, index):
@@ -219,7 +221,6 @@ def _why_not_found(name, split, data_dir, error) -> str:
   build = f"python -m data_prep.build {name} --data_dir={data_dir or 'DIR'}"
   dataset_dir = version_dir = None
   if data_dir:
-    from etils import epath  # pylint: disable=g-import-not-at-top
     dataset_dir = epath.Path(data_dir) / str(name)
     version_dir = dataset_dir / VERSION
   if dataset_dir is None or not dataset_dir.exists():
@@ -324,9 +325,9 @@ class _TrainBatch(grain.transforms.MapWithIndex):
 
 def _backbone(config):
   backbone = _get(config.data, 'backbone')
-  if backbone is None and 'model' in config:
+  if not backbone and 'model' in config:
     backbone = _get(config.model, 'backbone')
-  if backbone is None:
+  if not backbone:
     raise ValueError('set config.model.backbone (or config.data.backbone)')
   return backbone
 
@@ -339,7 +340,6 @@ def _finish(ds: grain.MapDataset, config) -> grain.IterDataset:
       num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
   processes = int(_get(data, 'worker_processes', 0))
   if processes > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
