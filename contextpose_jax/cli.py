@@ -1,0 +1,75 @@
+"""absl flags for the command lines that are also called from Python.
+
+Each CLI defines its flags on its own `flags.FlagValues()` (so several CLIs can
+be imported in one process without duplicate-flag errors) and parses with
+`parse`, which a `main(argv=None) -> int` can call again and again (tests):
+
+  _FLAGS = flags.FlagValues()
+  flags.DEFINE_integer('num_workers', 1, '...', flag_values=_FLAGS)
+
+  def main(argv=None) -> int:
+    try:
+      positional = cli.parse(_FLAGS, argv, __doc__)
+    except cli.Exit as e:
+      return e.code
+    ...
+"""
+from __future__ import annotations
+
+import sys
+import types
+from typing import Sequence
+
+from absl import flags
+
+HELP = ('--help', '-h', '-?', '--helpfull', '--helpshort')
+
+
+class Exit(SystemExit):
+  """Help was printed (code 0) or the command line was rejected (code 2).
+
+  A SystemExit, so uncaught it ends the program with that status.
+  """
+
+
+def usage(flag_values: flags.FlagValues, doc: str) -> str:
+  """`doc`, then every flag of `flag_values` with its help and default."""
+  lines = []
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    if module == 'absl.flags':  # --flagfile / --undefok: not ours to advertise
+      continue
+    del module_flags
+    lines += flag_values.module_help(module).strip().splitlines()[1:]  # drop `module:`
+  return f'{(doc or "").strip()}\n\nflags:\n' + '\n'.join(lines)
+
+
+def error(message: str) -> Exit:
+  """A rejected command line: prints one line `error: ...` on stderr and
+  returns the `Exit` (status 2) to raise."""
+  print(f'error: {message}', file=sys.stderr)
+  return Exit(2)
+
+
+def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None,
+          doc: str) -> list[str]:
+  """Parses `argv` (no program name; None: sys.argv[1:]) into `flag_values`.
+
+  Every flag starts from its default, so repeated calls do not leak values.
+  Returns the positional arguments. Raises `Exit` after printing the help
+  (`--help`, status 0) or one `error: ...` line (a bad flag, status 2).
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  flags_part = argv[:argv.index('--')] if '--' in argv else argv
+  if any(a in HELP for a in flags_part):
+    print(usage(flag_values, doc))
+    raise Exit(0)
+  flag_values.unparse_flags()
+  try:
+    return flag_values(['cli', *argv])[1:]
+  except flags.Error as e:
+    raise error(str(e)) from None
+
+
+def values(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """The parsed flags as attributes (a mutable copy, like argparse's)."""
+  return types.SimpleNamespace(**flag_values.flag_values_dict())
