@@ -1,4 +1,4 @@
-"""Examples/s of the training input pipeline (JPEG decode + augment + batch).
+r"""Examples/s of the training input pipeline (JPEG decode + augment + batch).
 
   python -m benchmarks.data_throughput [--data_dir=DIR] \
       [--name=synthetic_human36m] [--batch_size=256] [--num_batches=30] \
@@ -11,14 +11,16 @@ when no DIR is given); that build is not timed.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import tempfile
 import time
 
+from absl import flags
 import ml_collections
 import numpy as np
 
+from contextpose_jax import cli
 from contextpose_jax.data import pipeline
 
 
@@ -71,20 +73,33 @@ def measure(data_dir: str | None = None, *, name: str = 'synthetic_human36m',
       tmp.cleanup()
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m benchmarks.data_throughput',
-                              description=__doc__)
-  p.add_argument('--data_dir', default=None)
-  p.add_argument('--name', default='synthetic_human36m')
-  p.add_argument('--batch_size', type=int, default=256)
-  p.add_argument('--num_batches', type=int, default=30)
-  p.add_argument('--num_workers', type=int, default=2)
-  p.add_argument('--worker_processes', type=int, default=0)
-  p.add_argument('--backbone', default='hrnet_32')
-  p.add_argument('--repeats', type=int, default=1,
-                 help='independent measurements (fresh iterator each); the '
-                 'median is printed last: shared machines are noisy')
-  args = p.parse_args(argv)
+_FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
+flags.DEFINE_string('data_dir', None, 'TFDS data_dir (default: a temporary '
+                    'synthetic build)', flag_values=_FLAGS)
+flags.DEFINE_string('name', 'synthetic_human36m', 'TFDS name', flag_values=_FLAGS)
+flags.DEFINE_integer('batch_size', 256, 'examples per batch', flag_values=_FLAGS)
+flags.DEFINE_integer('num_batches', 30, 'batches timed', flag_values=_FLAGS)
+flags.DEFINE_integer('num_workers', 2, 'decode threads', flag_values=_FLAGS)
+flags.DEFINE_integer('worker_processes', 0, 'grain worker processes',
+                     flag_values=_FLAGS)
+flags.DEFINE_string('backbone', 'hrnet_32', 'the backbone the batches are prepared for',
+                    flag_values=_FLAGS)
+flags.DEFINE_integer('repeats', 1,
+                     'independent measurements (fresh iterator each); the '
+                     'median is printed last: shared machines are noisy',
+                     flag_values=_FLAGS)
+
+
+def main(argv=None) -> int:
+  """The command line (argv without the program name): 0 after the
+  measurement or `--help`, 2 for a bad command line (one `error:` line)."""
+  try:
+    positional = cli.parse(_FLAGS, argv, __doc__)
+    if positional:
+      raise cli.error(f'unexpected arguments {positional}')
+  except cli.Exit as e:
+    return e.code
+  args = cli.values(_FLAGS)
   with tempfile.TemporaryDirectory(prefix='throughput_') as tmp:
     # Without --data_dir, every repeat reads the one build made here.
     data_dir = args.data_dir or tmp
@@ -96,7 +111,8 @@ def main(argv=None):
   if len(rates) > 1:
     print(f'median of {len(rates)}: {np.median(rates):.0f} train examples/s '
           f'(min {min(rates):.0f}, max {max(rates):.0f})')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -31,7 +31,6 @@ speed does not depend on their values.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import datetime
@@ -43,8 +42,10 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from absl import flags
 import numpy as np
 
+from contextpose_jax import cli
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models.folding import apply_folded, find_conv_bn_pairs, fold_batch_norm
 
@@ -561,36 +562,47 @@ def machine_info() -> dict:
   }
 
 
+_FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
+flags.DEFINE_string("rows", ",".join(ALL_ROWS), f"comma list of {', '.join(ALL_ROWS)}",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("backbones", ",".join(BACKBONES), "comma list of backbones",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("batch_sizes", "1,8", "full-model batch sizes", flag_values=_FLAGS)
+flags.DEFINE_string("dtypes", "float32,bfloat16", "JAX backbone dtypes", flag_values=_FLAGS)
+flags.DEFINE_integer("train_batch", 64, "lifter train step batch", flag_values=_FLAGS)
+flags.DEFINE_integer("sampler_batch", 64, "context sampler batch", flag_values=_FLAGS)
+flags.DEFINE_integer("pipeline_batch", 256, "input pipeline batch", flag_values=_FLAGS)
+flags.DEFINE_integer("pipeline_batches", 20, "input pipeline batches timed",
+                     flag_values=_FLAGS)
+flags.DEFINE_string("data_dir", None,
+                    "TFDS data dir for the pipeline row (default: a synthetic set "
+                    "built in a temporary directory, not timed)", flag_values=_FLAGS)
+flags.DEFINE_string("dataset", "synthetic_human36m", "TFDS name for the pipeline row",
+                    flag_values=_FLAGS)
+flags.DEFINE_integer("warmup", 2, "untimed calls after the first", flag_values=_FLAGS)
+flags.DEFINE_integer("repeats", 5, "timed calls (median)", flag_values=_FLAGS)
+flags.DEFINE_bool("quick", False,
+                  "hrnet_32 only, full-model batch 2, train / sampler batch 16, "
+                  "3 repeats, 1 warm-up, a short pipeline run (4-6 minutes on 2 cores)",
+                  flag_values=_FLAGS)
+flags.DEFINE_string("compilation_cache", None,
+                    "a persistent JAX compilation cache directory (reruns skip "
+                    "compilation where the cache hits)", flag_values=_FLAGS)
+flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ("PASSIVE", "ACTIVE", "unset"),
+                  "OMP_WAIT_POLICY for torch (set before torch starts). PASSIVE by "
+                  "default: torch's OpenMP threads spin-waiting at every op's barrier "
+                  "collapse (10-40x slower) when other processes share the cores",
+                  flag_values=_FLAGS)
+flags.DEFINE_string("json", None, "also write the rows and machine here", flag_values=_FLAGS)
+
+
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.speed",
-                              description="JAX vs PyTorch reference, side by side.")
-  p.add_argument("--rows", default=",".join(ALL_ROWS),
-                 help=f"comma list of {', '.join(ALL_ROWS)}")
-  p.add_argument("--backbones", default=",".join(BACKBONES))
-  p.add_argument("--batch_sizes", default="1,8", help="full-model batch sizes")
-  p.add_argument("--dtypes", default="float32,bfloat16", help="JAX backbone dtypes")
-  p.add_argument("--train_batch", type=int, default=64, help="lifter train step batch")
-  p.add_argument("--sampler_batch", type=int, default=64)
-  p.add_argument("--pipeline_batch", type=int, default=256)
-  p.add_argument("--pipeline_batches", type=int, default=20)
-  p.add_argument("--data_dir", default=None,
-                 help="TFDS data dir for the pipeline row (default: a synthetic set "
-                 "built in a temporary directory, not timed)")
-  p.add_argument("--dataset", default="synthetic_human36m")
-  p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
-  p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
-  p.add_argument("--quick", action="store_true",
-                 help="hrnet_32 only, full-model batch 2, train / sampler batch 16, "
-                 "3 repeats, 1 warm-up, a short pipeline run (4-6 minutes on 2 cores)")
-  p.add_argument("--compilation_cache", default=None,
-                 help="a persistent JAX compilation cache directory (reruns skip "
-                 "compilation where the cache hits)")
-  p.add_argument("--omp_wait_policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "unset"),
-                 help="OMP_WAIT_POLICY for torch (set before torch starts). PASSIVE by "
-                 "default: torch's OpenMP threads spin-waiting at every op's barrier "
-                 "collapse (10-40x slower) when other processes share the cores")
-  p.add_argument("--json", default=None, help="also write the rows and machine here")
-  args = p.parse_args(argv)
+  """The command line (no program name) as attributes, lists split; `cli.Exit`
+  (a SystemExit) after `--help` or on a bad command line."""
+  positional = cli.parse(_FLAGS, argv, __doc__)
+  if positional:
+    raise cli.error(f"unexpected arguments {positional}")
+  args = cli.values(_FLAGS)
   if args.quick:
     args.backbones, args.batch_sizes = "hrnet_32", "2"
     args.train_batch = args.sampler_batch = 16
@@ -599,14 +611,17 @@ def parse_args(argv):
   args.rows = [r for r in args.rows.split(",") if r]
   unknown = set(args.rows) - set(ALL_ROWS)
   if unknown:
-    p.error(f"--rows: unknown {sorted(unknown)}; choose from {ALL_ROWS}")
+    raise cli.error(f"--rows: unknown {sorted(unknown)}; choose from {ALL_ROWS}")
   args.backbones = [b for b in args.backbones.split(",") if b]
   if set(args.backbones) - set(BACKBONES):
-    p.error(f"--backbones: choose from {BACKBONES}")
-  args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    raise cli.error(f"--backbones: choose from {BACKBONES}")
+  try:
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+  except ValueError:
+    raise cli.error(f"--batch_sizes: integers expected, got {args.batch_sizes!r}") from None
   args.dtypes = [d for d in args.dtypes.split(",") if d]
   if set(args.dtypes) - {"float32", "bfloat16"}:
-    p.error("--dtypes: choose from float32, bfloat16")
+    raise cli.error("--dtypes: choose from float32, bfloat16")
   return args
 
 
@@ -648,7 +663,12 @@ def run(args, log=print) -> tuple[list[Row], dict]:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
+  """The command line (argv without the program name): 0 after the table or
+  `--help`, 2 for a bad command line (one `error:` line on stderr)."""
+  try:
+    args = parse_args(argv)
+  except cli.Exit as e:
+    return e.code
   if args.omp_wait_policy != "unset":
     if "torch" in sys.modules:
       print("warning: torch is already imported; --omp_wait_policy has no effect",

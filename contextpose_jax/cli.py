@@ -2,57 +2,85 @@
 
 `main.py` (training) uses absl through `app.run`, because ml_collections'
 `--config` flags are absl flags. The other commands (`capf-predict`,
-`capf-convert`, `capf-build-dataset`, the benchmarks) define their flags on a
-module-private `flags.FlagValues`, so importing several of them in one process
-(tests do) never collides, and parse with `parse` below, so `main(argv)` stays
-an ordinary function that tests call with a list.
+`capf-convert`, `capf-build-dataset`, the benchmarks) are also called from
+Python (tests call `main([...])`), so:
+
+Each CLI defines its flags on its own `flags.FlagValues()` (so several CLIs can
+be imported in one process without duplicate-flag errors) and parses with
+`parse`, which a `main(argv=None) -> int` can call again and again (tests):
+
+  _FLAGS = flags.FlagValues()
+  flags.DEFINE_integer('num_workers', 1, '...', flag_values=_FLAGS)
+
+  def main(argv=None) -> int:
+    try:
+      positional = cli.parse(_FLAGS, argv, __doc__)
+    except cli.Exit as e:
+      return e.code
+    ...
 """
 from __future__ import annotations
 
 import re
 import sys
-import textwrap
+import types
 from typing import Sequence
 
 from absl import flags
 
-HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
+HELP = ('--help', '-h', '-?', '--helpfull', '--helpshort')
 
 
-def usage(flag_values: flags.FlagValues, prog: str, doc: str) -> str:
-  flag_text = flag_values.get_help(include_special_flags=False)
-  return f'{textwrap.dedent(doc).strip()}\n\nusage: {prog} [flags]\n\n{flag_text}\n'
+class Exit(SystemExit):
+  """Help was printed (code 0) or the command line was rejected (code 2).
 
-
-def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: str,
-          doc: str, max_positional: int = 0) -> list[str]:
-  """Parses `argv` (default: `sys.argv[1:]`) into `flag_values`.
-
-  Returns the positional arguments. `--help` prints the usage and raises
-  SystemExit(0); a usage error prints ONE line `error: ...` and raises
-  SystemExit(2). Flags parsed by an earlier call are reset first, so a
-  second `main([...])` in the same process starts from the defaults.
+  A SystemExit, so uncaught it ends the program with that status.
   """
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a in HELP_FLAGS for a in argv):
-    print(usage(flag_values, prog, doc))
-    raise SystemExit(0)
-  flag_values.unparse_flags()
-  try:
-    rest = flag_values([prog, *argv])[1:]
-  except flags.Error as e:
-    _usage_error(str(e))
-  if len(rest) > max_positional:
-    _usage_error(f'unexpected argument(s): {" ".join(rest[max_positional:])}')
-  return rest
 
 
-def _usage_error(message: str):
-  line = ' '.join(message.split())
+def usage(flag_values: flags.FlagValues, doc: str) -> str:
+  """`doc`, then every flag of `flag_values` with its help and default."""
+  lines = []
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    if module == 'absl.flags':  # --flagfile / --undefok: not ours to advertise
+      continue
+    del module_flags
+    lines += flag_values.module_help(module).strip().splitlines()[1:]  # drop `module:`
+  return f'{(doc or "").strip()}\n\nflags:\n' + '\n'.join(lines)
+
+
+def error(message: str) -> Exit:
+  """A rejected command line: prints one line `error: ...` on stderr and
+  returns the `Exit` (status 2) to raise."""
+  line = ' '.join(str(message).split())
   missing = re.fullmatch(r'flag --(\w+)=None: Flag --\w+ must have a value other than None\.',
                          line)
-  if missing:
+  if missing:  # absl's wording for a required flag left out
     line = f'--{missing.group(1)} is required'
+  print(f'error: {line}', file=sys.stderr)
+  return Exit(2)
 
-  print(f'error: {line} (see --help)', file=sys.stderr)
-  raise SystemExit(2)
+
+def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None,
+          doc: str) -> list[str]:
+  """Parses `argv` (no program name; None: sys.argv[1:]) into `flag_values`.
+
+  Every flag starts from its default, so repeated calls do not leak values.
+  Returns the positional arguments. Raises `Exit` after printing the help
+  (`--help`, status 0) or one `error: ...` line (a bad flag, status 2).
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  flags_part = argv[:argv.index('--')] if '--' in argv else argv
+  if any(a in HELP for a in flags_part):
+    print(usage(flag_values, doc))
+    raise Exit(0)
+  flag_values.unparse_flags()
+  try:
+    return flag_values(['cli', *argv])[1:]
+  except flags.Error as e:
+    raise error(str(e)) from None
+
+
+def values(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """The parsed flags as attributes (a mutable copy, like argparse's)."""
+  return types.SimpleNamespace(**flag_values.flag_values_dict())

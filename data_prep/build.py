@@ -1,7 +1,8 @@
-"""Builds a TFDS dataset of this project (replaces `tfds build`, no beam).
+r"""Builds a TFDS dataset of this project (replaces `tfds build`, no beam).
 
   python -m data_prep.build NAME --manual_dir=DIR --data_dir=DIR \
       [--image_format=jpeg|png]
+  capf-build-dataset NAME ...         (the same, installed; or --name=NAME)
 
 NAME is one of `human36m`, `mpi_inf_3dhp`, `synthetic_human36m` (the TFDS
 name; read the result with `tfds.data_source(NAME, split=..., data_dir=DIR)`).
@@ -11,10 +12,12 @@ dataset only once every shard is written.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from absl import flags
+
+from contextpose_jax import cli
 from contextpose_jax import image_io
 from contextpose_jax import locking
 from data_prep import records
@@ -22,35 +25,66 @@ from data_prep import records
 NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
 
 
+_FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
+flags.DEFINE_enum('name', None, NAMES,
+                  'the dataset (or give it as the first argument)',
+                  flag_values=_FLAGS)
+flags.DEFINE_string('manual_dir', None, 'the downloaded / prepared files',
+                    flag_values=_FLAGS)
+flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write (required)',
+                    flag_values=_FLAGS)
+flags.DEFINE_enum('image_format', 'jpeg', ('jpeg', 'png'),
+                  'crops as JPEG (default) or lossless PNG', flag_values=_FLAGS)
+flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality, 0..100',
+                     flag_values=_FLAGS)
+flags.DEFINE_integer('num_workers', os.cpu_count() or 1,
+                     'processes writing shards in parallel', flag_values=_FLAGS)
+flags.DEFINE_integer('examples_per_shard', None,
+                     'examples per shard (default: the builder\'s)',
+                     flag_values=_FLAGS)
+flags.DEFINE_bool('overwrite', False, 'replace an existing finished build',
+                  flag_values=_FLAGS)
+# human36m
+flags.DEFINE_enum('frame_source', 'auto', ('auto', 'jpeg', 'video'),
+                  'human36m: frames from the images/ JPEG tree or the original '
+                  'extracted/S*/Videos/*.mp4 (auto: whichever exists)',
+                  flag_values=_FLAGS)
+flags.DEFINE_enum('labels', 'auto', ('auto', 'pickle', 'raw'),
+                  'human36m: H36M-Toolbox pickles, or generate them from the '
+                  'raw CDF poses (auto: pickles when present)',
+                  flag_values=_FLAGS)
+# synthetic_human36m
+flags.DEFINE_integer('num_train', 4096, 'synthetic_human36m: train examples',
+                     flag_values=_FLAGS)
+flags.DEFINE_integer('num_validation', 1024,
+                     'synthetic_human36m: validation examples',
+                     flag_values=_FLAGS)
+flags.DEFINE_integer('frames_per_video', 64, 'synthetic_human36m',
+                     flag_values=_FLAGS)
+flags.DEFINE_integer('seed', 0, 'synthetic_human36m', flag_values=_FLAGS)
+
+
 def parse_args(argv):
-  p = argparse.ArgumentParser(
-      prog='python -m data_prep.build', description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('name', choices=NAMES)
-  p.add_argument('--manual_dir', help='the downloaded / prepared files')
-  p.add_argument('--data_dir', required=True, help='TFDS data_dir to write')
-  p.add_argument('--image_format', default='jpeg', choices=('jpeg', 'png'),
-                 help='crops as JPEG (default) or lossless PNG')
-  p.add_argument('--jpeg_quality', type=int, default=95)
-  p.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
-                 help='processes writing shards in parallel')
-  p.add_argument('--examples_per_shard', type=int, default=None)
-  p.add_argument('--overwrite', action='store_true',
-                 help='replace an existing finished build')
-  g = p.add_argument_group('human36m')
-  g.add_argument('--frame_source', default='auto',
-                 choices=('auto', 'jpeg', 'video'),
-                 help='frames from the images/ JPEG tree or the original '
-                 'extracted/S*/Videos/*.mp4 (auto: whichever exists)')
-  g.add_argument('--labels', default='auto', choices=('auto', 'pickle', 'raw'),
-                 help='H36M-Toolbox pickles, or generate them from the raw '
-                 'CDF poses (auto: pickles when present)')
-  g = p.add_argument_group('synthetic_human36m')
-  g.add_argument('--num_train', type=int, default=4096)
-  g.add_argument('--num_validation', type=int, default=1024)
-  g.add_argument('--frames_per_video', type=int, default=64)
-  g.add_argument('--seed', type=int, default=0)
-  return p.parse_args(argv)
+  """The command line (no program name) as attributes; `cli.Exit` after
+  `--help` or on a bad command line (one `error:` line)."""
+  positional = cli.parse(_FLAGS, argv, __doc__)
+  args = cli.values(_FLAGS)
+  # absl has no positional arguments: NAME is the one non-flag argument.
+  if len(positional) > 1:
+    raise cli.error(f'one dataset name expected, got {positional}')
+  if positional:
+    if positional[0] not in NAMES:
+      raise cli.error(f'unknown dataset {positional[0]!r}; choose from '
+                      f'{", ".join(NAMES)}')
+    if args.name not in (None, positional[0]):
+      raise cli.error(f'two dataset names: {positional[0]} and '
+                      f'--name={args.name}')
+    args.name = positional[0]
+  if args.name is None:
+    raise cli.error(f'the dataset name is required: one of {", ".join(NAMES)}')
+  if not args.data_dir:
+    raise cli.error('--data_dir is required')
+  return args
 
 
 def check_args(args) -> None:
@@ -116,10 +150,17 @@ def build_if_missing(config, log=print) -> None:
     multihost_utils.sync_global_devices('dataset_built')
 
 
-def main(argv=None):
-  """The command line: expected failures are one line `error: ...` on
-  stderr and exit status 1 (no traceback)."""
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None) -> int:
+  """The command line (`capf-build-dataset`; argv without the program name).
+
+  Returns 0 after a build or `--help`, 2 for a bad command line; failures of
+  the build are one line `error: ...` on stderr and SystemExit(1) (no
+  traceback).
+  """
+  try:
+    args = parse_args(argv)
+  except cli.Exit as e:
+    return e.code
   try:
     run(args)
   except (records.DataError, locking.LockHeldError,
@@ -131,7 +172,8 @@ def main(argv=None):
   except KeyboardInterrupt:
     records.fail('interrupted; run the same command again to resume the '
                  'build', status=130)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -222,7 +222,7 @@ for _name in ("kind", "input", "output"):
 
 
 def main(argv=None) -> int:
-  cli.parse(_FLAGS, argv, prog="capf-convert", doc=__doc__)
+  cli.parse(_FLAGS, argv, __doc__)
   args = _FLAGS
   try:
     convert(args.kind, args.input, args.output, backbone=args.backbone, dataset=args.dataset)
