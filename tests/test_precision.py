@@ -111,10 +111,9 @@ def test_bf16_lifter_computes_in_bf16_with_float32_params():
 
 
 def _all_eqns(jaxpr):
+  # Into nested jaxprs too (pjit, custom_vjp_call, scan bodies).
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
-      yield from _all_eqns(sub)
     for param in eqn.params.values():
       inner = getattr(param, "jaxpr", None)
       if inner is not None and hasattr(inner, "eqns"):
