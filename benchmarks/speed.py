@@ -16,7 +16,7 @@ calls, with device synchronisation (``block_until_ready``; torch runs under
   train     one lifter train step, frozen backbone (features precomputed):
             jitted value_and_grad + optax AdamW vs torch backward + AdamW;
   sampler   the context sampler alone (the deformable blocks' sampling of the
-            4 maps): our one-gather ``grid_sample`` vs
+            4 maps): our ``grid_sample`` (custom VJP) vs
             ``jax.scipy.ndimage.map_coordinates`` vs torch ``F.grid_sample``,
             same points, forward and forward + backward;
   pipeline  the training input pipeline, examples/s

@@ -25,6 +25,15 @@ def get_config():
   config.model.backbone = 'hrnet_32'  # 'hrnet_32' | 'hrnet_48' | 'cpn'
   config.model.backbone_kwargs = ml_collections.ConfigDict()
   config.model.backbone_dtype = 'float32'  # or 'bfloat16' for the frozen backbone
+  # Precision policy. The defaults are the parity-exact setting (the official
+  # model's outputs to ~1e-6). On GPUs/TPUs train with the fast setting:
+  #   --config.model.matmul_precision=default --config.model.lifter_dtype=bfloat16
+  #   --config.model.backbone_dtype=bfloat16
+  # ('default' lets matmuls use TF32 / bf16 passes; parameters stay float32,
+  # LayerNorm/softmax statistics and the 3D output float32). No speed-up on
+  # CPUs (docs/benchmarks.md, "Precision policy").
+  config.model.lifter_dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'
+  config.model.matmul_precision = 'highest'  # 'highest' | 'high' | 'default'
   config.model.dataset = 'h36m'  # joint conventions: 'h36m' | '3dhp'
   config.model.embed_dim = 128
   config.model.depth = 4

@@ -116,7 +116,8 @@ def evaluate_only(config, workdir: str) -> dict:
   if model_config is not None:
     model_config = dict(model_config)
     # Runtime choices stay with the command line.
-    model_config['backbone_dtype'] = config.model.backbone_dtype
+    for key in ('backbone_dtype', 'lifter_dtype', 'matmul_precision'):
+      model_config[key] = config.model.get(key, capf.default_model_config()[key])
     config.model = ml_collections.ConfigDict(model_config)
   os.makedirs(workdir, exist_ok=True)
   check_dataset_matches_model(config)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contextpose_jax.models import sampler
 from contextpose_jax.models.sampler import grid_sample
 
 
@@ -50,6 +51,26 @@ def test_values_and_gradients_match_torch(padding_mode, hw):
   d_map, d_coords = jax.grad(loss, argnums=(0, 1))(jnp.asarray(fmap), jnp.asarray(coords))
 
   np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_map, fmap_t.grad.permute(0, 2, 3, 1).numpy(),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_coords, grid_t.grad[:, :, 0].numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_batch_chunked_backward_matches_torch(padding_mode, monkeypatch):
+  # Large batches run the backward over chunks of the batch; force 3 chunks.
+  rng = np.random.default_rng(1)
+  b, h, w, c, n = 6, 7, 5, 3, 8
+  fmap = rng.normal(size=(b, h, w, c)).astype(np.float32)
+  coords = _points(rng, b, n, h, w)
+  cotangent = rng.normal(size=(b, coords.shape[1], c)).astype(np.float32)
+  monkeypatch.setattr(sampler, "_BACKWARD_CHUNK_FLOATS", 2 * coords.shape[1] * c)
+
+  out_t, fmap_t, grid_t = _torch_sample(fmap, coords, padding_mode)
+  (out_t * torch.tensor(cotangent)).sum().backward()
+  d_map, d_coords = jax.jit(jax.grad(
+      lambda f, g: jnp.sum(grid_sample(f, g, padding_mode) * cotangent), argnums=(0, 1)))(
+          jnp.asarray(fmap), jnp.asarray(coords))
   np.testing.assert_allclose(d_map, fmap_t.grad.permute(0, 2, 3, 1).numpy(),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(d_coords, grid_t.grad[:, :, 0].numpy(), rtol=1e-4, atol=1e-4)

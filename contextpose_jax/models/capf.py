@@ -94,6 +94,10 @@ def default_model_config(backbone: str = "hrnet_32",
   c.backbone = backbone
   c.backbone_kwargs = ml_collections.ConfigDict()
   c.backbone_dtype = "float32"
+  # Precision policy: the parity-exact setting. GPUs/TPUs: matmul_precision
+  # 'default' + lifter_dtype 'bfloat16' (+ backbone_dtype 'bfloat16').
+  c.lifter_dtype = "float32"  # compute dtype; parameters always float32
+  c.matmul_precision = "highest"  # 'highest' | 'high' | 'default'
   c.dataset = dataset
   # 3DHP (ContextPose_mpi): no deformable blocks, C = 64 for W32 and 96 for W48.
   c.embed_dim = 128 if dataset == "h36m" else {"hrnet_32": 64, "hrnet_48": 96}[backbone]
@@ -138,7 +142,10 @@ def build_model(model_config: Mapping[str, Any]) -> CAPF:
       num_heads=cfg.get("num_heads", 8), mlp_ratio=cfg.get("mlp_ratio", 2.0),
       drop_rate=cfg.get("drop_rate", 0.0), attn_drop_rate=cfg.get("attn_drop_rate", 0.0),
       drop_path_rate=cfg.get("drop_path_rate", 0.2),
-      deformable=cfg.get("deformable", True), use_context=use_context)
+      deformable=cfg.get("deformable", True), use_context=use_context,
+      # Configs written before the precision policy: the parity setting.
+      dtype=cfg.get("lifter_dtype", "float32"),
+      matmul_precision=cfg.get("matmul_precision", "highest"))
   return CAPF(backbone=backbone, lifter=lifter,
               train_backbone=cfg.get("train_backbone", False))
 

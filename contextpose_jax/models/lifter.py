@@ -15,11 +15,18 @@ Quirks kept from the official code so released checkpoints work:
   custom init) except the deformable offsets / attention-weight layers.
 - Drop path is per example of the tensor the block sees, i.e. per (batch,
   joint) row in the per-joint blocks.
+
+Precision policy (``Lifter.dtype``, ``Lifter.matmul_precision``): parameters
+are always float32; ``dtype`` is the compute dtype of the matmuls and the
+token stream. LayerNorm statistics, softmaxes, the sampling positions and the
+3D output stay float32 whatever ``dtype`` is. 'highest' + float32 is the
+parity setting (equal to the official model to ~1e-6).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +38,17 @@ from contextpose_jax.models.sampler import grid_sample
 TRANSFORMER_LN_EPS = 1e-6
 TORCH_LN_EPS = 1e-5
 SMALL_ATTENTION_TOKENS = 8
+MATMUL_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
+                     "high": jax.lax.Precision.HIGH,
+                     "default": None}  # the backend's fastest (TF32 / bf16 passes)
+
+
+def matmul_precision(name: str):
+  """'highest' | 'high' | 'default' -> the ``precision`` of jnp.dot / einsum."""
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision must be one of {tuple(MATMUL_PRECISIONS)}, "
+                     f"got {name!r}")
+  return MATMUL_PRECISIONS[name]
 
 
 def _torch_uniform(fan_in: int):
@@ -48,23 +66,39 @@ class Linear(nn.Module):
   use_bias: bool = True
   kernel_init: nn.initializers.Initializer | None = None
   bias_init: nn.initializers.Initializer | None = None
+  dtype: Any = jnp.float32  # compute; the parameters stay float32
+  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init or _torch_uniform(fan_in),
-                        (fan_in, self.features))
-    y = jnp.dot(x, kernel.astype(x.dtype), precision=jax.lax.Precision.HIGHEST)
+                        (fan_in, self.features), jnp.float32)
+    dtype = _compute_dtype(self.dtype, x)
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.precision)
     if self.use_bias:
       bias = self.param("bias", self.bias_init or _torch_uniform(fan_in),
-                        (self.features,))
-      y = y + bias.astype(x.dtype)
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(dtype)
     return y
 
 
-def LayerNorm(epsilon: float, name: str):  # pylint: disable=invalid-name
-  # Two-pass variance, as torch computes it.
-  return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
+def _compute_dtype(dtype, x):
+  # float64 inputs (tests of the exact answer) keep float64.
+  return jnp.float64 if x.dtype == jnp.float64 else jnp.dtype(dtype)
+
+
+def LayerNorm(epsilon: float, name: str, dtype=None):  # pylint: disable=invalid-name
+  # Two-pass variance, as torch computes it; flax takes the statistics in
+  # float32 at least whatever the compute dtype.
+  return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def _softmax(logits, axis):
+  # In float32 whatever the compute dtype; the result in the logits' dtype.
+  x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  return jax.nn.softmax(x, axis=axis).astype(logits.dtype)
 
 
 class DropPath(nn.Module):
@@ -84,14 +118,17 @@ class DropPath(nn.Module):
 class Mlp(nn.Module):
   hidden: int
   drop: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     dim = x.shape[-1]
-    x = Linear(self.hidden, name="fc1")(x)
+    linear = functools.partial(Linear, dtype=self.dtype, precision=self.precision)
+    x = linear(self.hidden, name="fc1")(x)
     x = nn.gelu(x, approximate=False)  # torch nn.GELU is the erf form
     x = nn.Dropout(self.drop)(x, deterministic=deterministic)
-    x = Linear(dim, name="fc2")(x)
+    x = linear(dim, name="fc2")(x)
     return nn.Dropout(self.drop)(x, deterministic=deterministic)
 
 
@@ -100,12 +137,15 @@ class Attention(nn.Module):
   qkv_bias: bool = True
   attn_drop: float = 0.0
   proj_drop: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     b, n, c = x.shape
     head_dim = c // self.num_heads
-    qkv = Linear(3 * c, use_bias=self.qkv_bias, name="qkv")(x)
+    linear = functools.partial(Linear, dtype=self.dtype, precision=self.precision)
+    qkv = linear(3 * c, use_bias=self.qkv_bias, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     scale = head_dim ** -0.5
     drop = nn.Dropout(self.attn_drop)
@@ -118,18 +158,17 @@ class Attention(nn.Module):
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, D)
       logits = jnp.stack([jnp.sum(q * k[:, j:j + 1], axis=-1) for j in range(n)],
                          axis=2)  # (B, Nq, Nk, H)
-      attn = drop(jax.nn.softmax(logits * scale, axis=2), deterministic=deterministic)
+      attn = drop(_softmax(logits * scale, axis=2), deterministic=deterministic)
       x = sum(attn[:, :, j, :, None] * v[:, j:j + 1] for j in range(n))
       x = x.reshape(b, n, c)
     else:
       qkv = qkv.transpose(2, 0, 3, 1, 4).reshape(3, b * self.num_heads, n, head_dim)
       q, k, v = qkv[0], qkv[1], qkv[2]  # (B*H, N, D): plain batched matmuls
-      logits = jax.lax.batch_matmul(q, k.transpose(0, 2, 1),
-                                    precision=jax.lax.Precision.HIGHEST)
-      attn = drop(jax.nn.softmax(logits * scale, axis=-1), deterministic=deterministic)
-      x = jax.lax.batch_matmul(attn, v, precision=jax.lax.Precision.HIGHEST)
+      logits = jax.lax.batch_matmul(q, k.transpose(0, 2, 1), precision=self.precision)
+      attn = drop(_softmax(logits * scale, axis=-1), deterministic=deterministic)
+      x = jax.lax.batch_matmul(attn, v, precision=self.precision)
       x = x.reshape(b, self.num_heads, n, head_dim).transpose(0, 2, 1, 3).reshape(b, n, c)
-    x = Linear(c, name="proj")(x)
+    x = linear(c, name="proj")(x)
     return nn.Dropout(self.proj_drop)(x, deterministic=deterministic)
 
 
@@ -141,17 +180,20 @@ class Block(nn.Module):
   drop: float = 0.0
   attn_drop: float = 0.0
   drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     dim = x.shape[-1]
     drop_path = DropPath(self.drop_path)
-    y = LayerNorm(epsilon=TRANSFORMER_LN_EPS, name="norm1")(x)
+    y = LayerNorm(TRANSFORMER_LN_EPS, "norm1", self.dtype)(x)
     y = Attention(self.num_heads, self.qkv_bias, self.attn_drop, self.drop,
-                  name="attn")(y, deterministic)
+                  self.dtype, self.precision, name="attn")(y, deterministic)
     x = x + drop_path(y, deterministic)
-    y = LayerNorm(epsilon=TRANSFORMER_LN_EPS, name="norm2")(x)
-    y = Mlp(int(dim * self.mlp_ratio), self.drop, name="mlp")(y, deterministic)
+    y = LayerNorm(TRANSFORMER_LN_EPS, "norm2", self.dtype)(x)
+    y = Mlp(int(dim * self.mlp_ratio), self.drop, self.dtype, self.precision,
+            name="mlp")(y, deterministic)
     return x + drop_path(y, deterministic)
 
 
@@ -176,6 +218,8 @@ class DeformableBlock(nn.Module):
   num_samples: int = 4
   mlp_ratio: float = 2.0
   drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x, ref, features: Sequence[jax.Array], deterministic: bool):
@@ -184,32 +228,36 @@ class DeformableBlock(nn.Module):
     b, l, p, c = x.shape
     heads, samples = self.num_heads, self.num_samples
     head_dim = c // heads
+    linear = functools.partial(Linear, dtype=self.dtype, precision=self.precision)
     residual = x
-    x = LayerNorm(epsilon=TORCH_LN_EPS, name="norm1")(x + x_0)
+    x = LayerNorm(TORCH_LN_EPS, "norm1", self.dtype)(x + x_0)
 
-    weights = Linear(heads * samples, kernel_init=nn.initializers.zeros,
+    weights = linear(heads * samples, kernel_init=nn.initializers.zeros,
                      bias_init=nn.initializers.zeros, name="attention_weights")(x)
-    weights = jax.nn.softmax(weights.reshape(b, l, p, heads, samples), axis=-1)
+    weights = _softmax(weights.reshape(b, l, p, heads, samples), axis=-1)
+    # The offsets in float32 whatever the compute dtype: a bf16 sampling
+    # position is off by up to ~0.1 pixel on the 64x48 map.
     offsets = Linear(2 * heads * samples, kernel_init=nn.initializers.zeros,
                      bias_init=_offset_bias_init(heads, samples),
-                     name="sampling_offsets")(x)
+                     dtype=jnp.promote_types(ref.dtype, jnp.float32),
+                     precision=self.precision, name="sampling_offsets")(x)
     offsets = jnp.tanh(offsets.reshape(b, l, p, heads * samples, 2))
     positions = offsets + ref[:, None, :, None, :]  # (B, L, P, H*S, 2)
 
     sampled = []
     for level, feature_map in enumerate(features):
-      # One gather for all joints, heads and samples of this level.
+      # One sampler call for all joints, heads and samples of this level.
       values = grid_sample(feature_map, positions[:, level], padding_mode="border")
-      sampled.append(Linear(head_dim, name=f"embed_proj_{level}")(values))
+      sampled.append(linear(head_dim, name=f"embed_proj_{level}")(values))
     sampled = jnp.stack(sampled, axis=1).reshape(b, l, p, heads, samples, head_dim)
     context = jnp.einsum("blphs,blphsd->blphd", weights, sampled,
-                         precision=jax.lax.Precision.HIGHEST).reshape(b, l, p, c)
+                         precision=self.precision).reshape(b, l, p, c)
 
     drop_path = DropPath(self.drop_path)
     x = residual + drop_path(context, deterministic)
-    y = LayerNorm(epsilon=TORCH_LN_EPS, name="norm2")(x)
-    x = x + drop_path(Mlp(int(c * self.mlp_ratio), 0.0, name="mlp")(y, deterministic),
-                      deterministic)
+    y = LayerNorm(TORCH_LN_EPS, "norm2", self.dtype)(x)
+    x = x + drop_path(Mlp(int(c * self.mlp_ratio), 0.0, self.dtype, self.precision,
+                          name="mlp")(y, deterministic), deterministic)
     return jnp.concatenate([x_0, x], axis=1)
 
 
@@ -231,6 +279,10 @@ class Lifter(nn.Module):
   use_context: bool = True
   deformable_heads: int = 4
   deformable_samples: int = 4
+  # Precision policy (see the module docstring): compute dtype 'float32' |
+  # 'bfloat16'; matmul precision 'highest' | 'high' | 'default'.
+  dtype: Any = "float32"
+  matmul_precision: str = "highest"
 
   @nn.compact
   def __call__(self, keypoints_2d, ref, features: Sequence[jax.Array],
@@ -238,36 +290,41 @@ class Lifter(nn.Module):
     deterministic = not train
     b, p, _ = keypoints_2d.shape
     c = self.embed_dim
-    tokens = [Linear(c, name="coord_embed")(keypoints_2d)]
+    dtype = _compute_dtype(self.dtype, keypoints_2d)
+    precision = matmul_precision(self.matmul_precision)
+    linear = functools.partial(Linear, dtype=dtype, precision=precision)
+    blocks = dict(dtype=dtype, precision=precision)
+    tokens = [linear(c, name="coord_embed")(keypoints_2d)]
     if self.use_context:
       for level, feature_map in enumerate(features):
         ref_features = grid_sample(feature_map, ref, padding_mode="zeros")
-        tokens.append(Linear(c, name=f"feat_embed_{level}")(ref_features))
+        tokens.append(linear(c, name=f"feat_embed_{level}")(ref_features))
     x = jnp.stack(tokens, axis=1)  # (B, levels, P, C)
     levels = x.shape[1]
     pos_embed = self.param("Spatial_pos_embed", nn.initializers.zeros,
-                           (1, levels, p, c))
-    x = nn.Dropout(self.drop_rate)(x + pos_embed, deterministic=deterministic)
+                           (1, levels, p, c), jnp.float32)
+    x = nn.Dropout(self.drop_rate)(x + pos_embed.astype(dtype),
+                                   deterministic=deterministic)
 
     # Stochastic depth grows linearly with the block index (same in all 3 stacks).
     drop_path = np.linspace(0.0, self.drop_path_rate, self.depth)
     if self.use_context and self.deformable:
       for i in range(self.depth):
         x = DeformableBlock(self.deformable_heads, self.deformable_samples,
-                            drop_path=float(drop_path[i]),
+                            drop_path=float(drop_path[i]), **blocks,
                             name=f"context_blocks_{i}")(x, ref, features, deterministic)
 
     x = x.transpose(0, 2, 1, 3).reshape(b * p, levels, c)
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
-                self.attn_drop_rate, float(drop_path[i]),
+                self.attn_drop_rate, float(drop_path[i]), **blocks,
                 name=f"res_blocks_{i}")(x, deterministic)
     x = x.reshape(b, p, levels * c)
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
-                self.attn_drop_rate, float(drop_path[i]),
+                self.attn_drop_rate, float(drop_path[i]), **blocks,
                 name=f"joint_blocks_{i}")(x, deterministic)
 
-    x = LayerNorm(epsilon=TORCH_LN_EPS, name="head_0")(x)
-    x = Linear(3, name="head_1")(x)
-    return x.reshape(b, 1, p, 3)
+    x = LayerNorm(TORCH_LN_EPS, "head_0", dtype)(x)
+    x = linear(3, name="head_1")(x)
+    return x.reshape(b, 1, p, 3).astype(jnp.promote_types(dtype, jnp.float32))

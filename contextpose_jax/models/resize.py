@@ -41,12 +41,16 @@ def interpolation_matrix(in_size: int, out_size: int,
   return matrix
 
 
-def resize_bilinear_align_corners(x: jax.Array,
-                                  out_hw: Sequence[int]) -> jax.Array:
+def resize_bilinear_align_corners(
+    x: jax.Array, out_hw: Sequence[int],
+    precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST) -> jax.Array:
   """Resizes NHWC `x` to `out_hw` like `F.interpolate(..., 'bilinear',
   align_corners=True)`; the result keeps `x.dtype`.
 
   An axis whose size does not change is left untouched (exact identity).
+  `precision` of the two interpolation matmuls: HIGHEST (the parity setting)
+  by default; on GPU/TPU a lower one may round them to TF32/bf16 (see
+  `lifter.matmul_precision`).
   """
   if x.ndim != 4:
     raise ValueError(f'resize: expected an NHWC array, got shape {x.shape}')
@@ -55,8 +59,6 @@ def resize_bilinear_align_corners(x: jax.Array,
   out_h, out_w = (int(s) for s in out_hw)
   _, in_h, in_w, _ = x.shape
   dtype = np.float64 if x.dtype == jnp.float64 else np.float32
-  # HIGHEST: on GPU/TPU a default-precision f32 matmul may round to TF32/bf16.
-  precision = jax.lax.Precision.HIGHEST
   # Width first, then height: the order torch's kernel blends the 4 taps in.
   if out_w != in_w:
     mw = jnp.asarray(interpolation_matrix(in_w, out_w, dtype), x.dtype)

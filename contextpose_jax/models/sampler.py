@@ -3,24 +3,39 @@
 Semantics are those of ``torch.nn.functional.grid_sample(mode='bilinear',
 align_corners=True)``, which the official CA-PF uses for both the reference
 features (padding 'zeros') and the deformable samples (padding 'border').
-Gradients w.r.t. the maps and w.r.t. the coordinates equal torch's, because
-the computation is the same piecewise-bilinear formula: out-of-map corners
+Gradients w.r.t. the maps and w.r.t. the coordinates equal torch's: they are
+torch's backward formulas, written out in a custom VJP. Out-of-map corners
 contribute 0 (and so do their weight derivatives), and in 'border' mode the
 coordinate is clipped first with torch's gradient convention (1 strictly
 inside the map, 0 outside *and on its edges*; ``jnp.clip`` would differ there).
 
-All points of one map are fetched with ONE gather of the four corner rows of
-the flattened map, then blended. For forward + backward (training) this is 5x
-faster than ``map_coordinates`` on CPU and level with torch; for the forward
-alone ``map_coordinates`` is faster on CPU, but the sampler is ~2% of
-inference time (docs/benchmarks.md, ``python -m benchmarks.speed``).
+Why this formulation (measured on XLA:CPU, batch 64, 17x16 points on the four
+HRNet-W32 maps; ``python -m benchmarks.speed --rows=sampler``):
+- Forward: one row gather of the flattened (B*H*W, C) map per corner, blended
+  in the same fusion, so only the output is written. A single gather of all
+  4 corners followed by a weighted reduction (or an einsum over the corner
+  axis) materialises 4x the output and was 7x slower.
+- Backward: memory traffic, not arithmetic, is the cost. Differentiating the
+  gathers materialises (B, N, 4, C) updates and gathered rows -- tens of MB
+  of fresh buffers per call, on the 16x12 and 8x6 maps 5-10x slower than
+  the work itself. The custom VJP recomputes the corners (no big residuals)
+  and runs the backward over chunks of the batch, so its temporaries stay in
+  cache: the map gradient is one scatter-add over the combined corner indices,
+  the point gradient is analytic from the 4 corner rows.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 PADDING_MODES = ("zeros", "border")
+# Floats per (chunk, points, channels) temporary in the backward: ~1 MB, so a
+# chunk's gathered rows and updates fit in L2/L3 (measured: 2^18 was best).
+_BACKWARD_CHUNK_FLOATS = 2 ** 18
+# Corner offsets (dy, dx), in torch's order: nw, ne, sw, se.
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def _unnormalize(coord, size: int):
@@ -33,6 +48,99 @@ def _clip_like_torch(x, size: int):
   # the edges too (torch treats them as out of bounds), 1 strictly inside.
   return jnp.where(x <= 0, jnp.zeros_like(x),
                    jnp.where(x >= size - 1, jnp.full_like(x, size - 1), x))
+
+
+def _corners(coords, h: int, w: int, padding_mode: str):
+  """Pixel positions (x, y), fractions (fx, fy) and, per corner, the row of
+  the flattened (B*H*W, C) map (clipped into range) and whether it is inside."""
+  b = coords.shape[0]
+  x = _unnormalize(coords[..., 0], w)
+  y = _unnormalize(coords[..., 1], h)
+  if padding_mode == "border":
+    x, y = _clip_like_torch(x, w), _clip_like_torch(y, h)
+  x0, y0 = jnp.floor(x), jnp.floor(y)
+  fx, fy = x - x0, y - y0
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  first_row = (jnp.arange(b, dtype=jnp.int32) * (h * w))[:, None]
+  corners = []
+  for dy, dx in _CORNERS:
+    cx, cy = x0 + dx, y0 + dy
+    inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
+    row = jnp.clip(cy, 0, h - 1) * w + jnp.clip(cx, 0, w - 1) + first_row
+    corners.append((row, inside))
+  return fx, fy, corners
+
+
+def _bilinear_weights(fx, fy):
+  return ((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy)
+
+
+def _rows(flat_map, row):
+  # Every row index is in range already ('clip' costs nothing then).
+  return jnp.take(flat_map, row.reshape(-1), axis=0, mode="clip").reshape(
+      *row.shape, flat_map.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sample(feature_map, coords, padding_mode):
+  b, h, w, c = feature_map.shape
+  fx, fy, corners = _corners(coords, h, w, padding_mode)
+  flat_map = feature_map.reshape(b * h * w, c)
+  out = None
+  # Torch's sum order: nw + ne + sw + se.
+  for weight, (row, inside) in zip(_bilinear_weights(fx, fy), corners):
+    weight = jnp.where(inside, weight, 0).astype(feature_map.dtype)
+    term = weight[..., None] * _rows(flat_map, row)
+    out = term if out is None else out + term
+  return out
+
+
+def _sample_fwd(feature_map, coords, padding_mode):
+  return _sample(feature_map, coords, padding_mode), (feature_map, coords)
+
+
+def _backward(padding_mode, feature_map, coords, g):
+  """Cotangents of the map and the coordinates for one chunk of the batch."""
+  b, h, w, c = feature_map.shape
+  fx, fy, corners = _corners(coords, h, w, padding_mode)
+  flat_map = feature_map.reshape(b * h * w, c)
+
+  rows = jnp.stack([row for row, _ in corners], axis=-1).reshape(-1)
+  weights = jnp.stack([jnp.where(inside, weight, 0) for weight, (_, inside)
+                       in zip(_bilinear_weights(fx, fy), corners)], axis=-1)
+  updates = weights.astype(g.dtype)[..., None] * g[:, :, None, :]  # (B, N, 4, C)
+  d_map = jnp.zeros_like(flat_map).at[rows].add(
+      updates.reshape(-1, c), mode="promise_in_bounds").reshape(feature_map.shape)
+
+  # d out / d (corner weight k) = <g, corner value k>; then torch's chain
+  # through the weights (1 - fx)(1 - fy), fx(1 - fy), (1 - fx)fy, fx fy.
+  d_w = [jnp.where(inside, jnp.sum(g * _rows(flat_map, row), axis=-1), 0)
+         .astype(fx.dtype) for row, inside in corners]
+  d_x = ((d_w[1] - d_w[0]) * (1 - fy) + (d_w[3] - d_w[2]) * fy) * (0.5 * (w - 1))
+  d_y = ((d_w[2] - d_w[0]) * (1 - fx) + (d_w[3] - d_w[1]) * fx) * (0.5 * (h - 1))
+  if padding_mode == "border":
+    x = _unnormalize(coords[..., 0], w)
+    y = _unnormalize(coords[..., 1], h)
+    d_x = jnp.where((x > 0) & (x < w - 1), d_x, 0)
+    d_y = jnp.where((y > 0) & (y < h - 1), d_y, 0)
+  return d_map, jnp.stack([d_x, d_y], axis=-1).astype(coords.dtype)
+
+
+def _sample_bwd(padding_mode, residuals, g):
+  feature_map, coords = residuals
+  b, n, c = g.shape
+  target = max(1, _BACKWARD_CHUNK_FLOATS // max(1, n * c))
+  chunk = max(d for d in range(1, min(b, target) + 1) if b % d == 0)
+  backward = functools.partial(_backward, padding_mode)
+  if chunk == b:
+    return backward(feature_map, coords, g)
+  split = lambda a: a.reshape(b // chunk, chunk, *a.shape[1:])
+  d_map, d_coords = jax.lax.map(lambda args: backward(*args),
+                                (split(feature_map), split(coords), split(g)))
+  return d_map.reshape(feature_map.shape), d_coords.reshape(coords.shape)
+
+
+_sample.defvjp(_sample_fwd, _sample_bwd)
 
 
 def grid_sample(feature_map: jax.Array, coords: jax.Array,
@@ -50,36 +158,9 @@ def grid_sample(feature_map: jax.Array, coords: jax.Array,
   """
   if padding_mode not in PADDING_MODES:
     raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-  b, h, w, c = feature_map.shape
+  b, _, _, c = feature_map.shape
   point_shape = coords.shape[1:-1]
   # float32 at least (bf16 coordinates would be off by pixels); float64 stays.
   coords = coords.reshape(b, -1, 2)
   coords = coords.astype(jnp.promote_types(coords.dtype, jnp.float32))
-  x = _unnormalize(coords[..., 0], w)
-  y = _unnormalize(coords[..., 1], h)
-  if padding_mode == "border":
-    x, y = _clip_like_torch(x, w), _clip_like_torch(y, h)
-
-  x0 = jnp.floor(x)
-  y0 = jnp.floor(y)
-  fx = x - x0  # carries the coordinate gradient; floor has none
-  fy = y - y0
-  x0 = x0.astype(jnp.int32)
-  y0 = y0.astype(jnp.int32)
-
-  # Corners in the order nw, ne, sw, se: (B, N, 4).
-  cx = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)
-  cy = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
-  weights = jnp.stack([(1 - fx) * (1 - fy), fx * (1 - fy),
-                       (1 - fx) * fy, fx * fy], axis=-1)
-  inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
-  weights = jnp.where(inside, weights, 0.0)
-  flat_index = (jnp.clip(cy, 0, h - 1) * w + jnp.clip(cx, 0, w - 1)
-                + (jnp.arange(b, dtype=jnp.int32) * (h * w))[:, None, None])
-
-  rows = jnp.take(feature_map.reshape(b * h * w, c), flat_index.reshape(-1),
-                  axis=0, mode="clip")  # every index is in range already
-  rows = rows.reshape(b, -1, 4, c)
-  out = jnp.einsum("bnk,bnkc->bnc", weights.astype(rows.dtype), rows,
-                   precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(b, *point_shape, c)
+  return _sample(feature_map, coords, padding_mode).reshape(b, *point_shape, c)
