@@ -11,6 +11,8 @@ Every field can be overridden on the command line, e.g.
 """
 import ml_collections
 
+from contextpose_jax.models import capf
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -21,10 +23,10 @@ def get_config():
   config.seed = 42
 
   # --- model: `contextpose_jax.models.capf.build_model(config.model)` ---
-  config.model = ml_collections.ConfigDict()
-  config.model.backbone = 'hrnet_32'  # 'hrnet_32' | 'hrnet_48' | 'cpn'
-  config.model.backbone_kwargs = ml_collections.ConfigDict()
-  config.model.backbone_dtype = 'float32'  # or 'bfloat16' for the frozen backbone
+  # The official architecture (every field, with its meaning, is listed in
+  # `capf.default_model_config`): backbone 'hrnet_32' | 'hrnet_48' | 'cpn',
+  # dataset 'h36m' | '3dhp', the lifter's sizes, the precision policy.
+  config.model = capf.default_model_config('hrnet_32', 'h36m')
   # Precision policy. The defaults are the parity-exact setting (the official
   # model's outputs to ~1e-6). On GPUs/TPUs train with the fast setting:
   #   --config.model.matmul_precision=default --config.model.lifter_dtype=bfloat16
@@ -32,19 +34,6 @@ def get_config():
   # ('default' lets matmuls use TF32 / bf16 passes; parameters stay float32,
   # LayerNorm/softmax statistics and the 3D output float32). No speed-up on
   # CPUs (docs/benchmarks.md, "Precision policy").
-  config.model.lifter_dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'
-  config.model.matmul_precision = 'highest'  # 'highest' | 'high' | 'default'
-  config.model.dataset = 'h36m'  # joint conventions: 'h36m' | '3dhp'
-  config.model.embed_dim = 128
-  config.model.depth = 4
-  config.model.deformable = True
-  config.model.num_heads = 8
-  config.model.mlp_ratio = 2.0
-  config.model.drop_rate = 0.0
-  config.model.attn_drop_rate = 0.0
-  config.model.drop_path_rate = 0.2
-  config.model.train_backbone = False  # official: frozen, BatchNorm in eval mode
-  config.model.use_context = True  # False: the context-free baseline lifter
 
   # Pretrained backbone: a converter output directory (weights_conversion)
   # whose params/batch_stats hold a 'backbone' entry (e.g. COCO HRNet-W32).

@@ -5,13 +5,12 @@ x 0.97 per epoch, batch 160, no flip augmentation in training, flip test on;
 metrics on the valid frames of TS1-TS6.
 """
 from configs import default
+from contextpose_jax.models import capf
 
 
 def get_config():
   config = default.get_config()
-  config.model.dataset = '3dhp'
-  config.model.embed_dim = 64
-  config.model.deformable = False
+  config.model = capf.default_model_config('hrnet_32', '3dhp')  # C = 64, no deformable blocks
   config.data.name = 'mpi_inf_3dhp'
   config.data.eval_split = 'test'
   config.data.flip_augmentation = False

@@ -15,11 +15,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from contextpose_jax import fileio
 from contextpose_jax import skeleton
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models import HRNET_WIDTHS
+from contextpose_jax.models import cpn
+from contextpose_jax.models import hrnet
+from contextpose_jax.models import torch_import
 from contextpose_jax.models.lifter import Lifter
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -81,6 +85,12 @@ def _at_least_f32(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+# Lifter hyper-parameters a model config carries under their own names.
+_LIFTER_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "drop_rate",
+                  "attn_drop_rate", "drop_path_rate")
+_3DHP_EMBED_DIM = {"hrnet_32": 64, "hrnet_48": 96}
+
+
 def default_model_config(backbone: str = "hrnet_32",
                          dataset: str = "h36m") -> ml_collections.ConfigDict:
   """The official architecture for a (backbone, dataset) pair."""
@@ -92,24 +102,22 @@ def default_model_config(backbone: str = "hrnet_32",
     raise ValueError("the official MPI-INF-3DHP models use HRNet backbones only")
   c = ml_collections.ConfigDict()
   c.backbone = backbone
-  c.backbone_kwargs = ml_collections.ConfigDict()
-  c.backbone_dtype = "float32"
+  c.backbone_kwargs = ml_collections.ConfigDict()  # e.g. a reduced width for tests
+  c.backbone_dtype = "float32"  # compute dtype of the (frozen) backbone
   # Precision policy: the parity-exact setting. GPUs/TPUs: matmul_precision
   # 'default' + lifter_dtype 'bfloat16' (+ backbone_dtype 'bfloat16').
-  c.lifter_dtype = "float32"  # compute dtype; parameters always float32
-  c.matmul_precision = "highest"  # 'highest' | 'high' | 'default'
-  c.dataset = dataset
+  c.lifter_dtype = Lifter.dtype  # compute dtype; parameters always float32
+  c.matmul_precision = Lifter.matmul_precision  # 'highest' | 'high' | 'default'
+  c.dataset = dataset  # joint conventions: 'h36m' | '3dhp'
+  # The lifter: `Lifter`'s defaults are the official Human3.6M architecture.
   # 3DHP (ContextPose_mpi): no deformable blocks, C = 64 for W32 and 96 for W48.
-  c.embed_dim = 128 if dataset == "h36m" else {"hrnet_32": 64, "hrnet_48": 96}[backbone]
-  c.depth = 4
-  c.deformable = dataset == "h36m"
-  c.num_heads = 8
-  c.mlp_ratio = 2.0
-  c.drop_rate = 0.0
-  c.attn_drop_rate = 0.0
-  c.drop_path_rate = 0.2
-  c.train_backbone = False
-  c.use_context = True
+  c.embed_dim = Lifter.embed_dim if dataset == "h36m" else _3DHP_EMBED_DIM[backbone]
+  c.deformable = Lifter.deformable and dataset == "h36m"
+  for name in _LIFTER_FIELDS:
+    if name not in c:
+      c[name] = getattr(Lifter, name)
+  c.train_backbone = False  # official: frozen, BatchNorm in inference mode
+  c.use_context = Lifter.use_context  # False: the context-free baseline lifter
   return c
 
 
@@ -118,12 +126,10 @@ def build_backbone(backbone: str, backbone_kwargs: Mapping[str, Any] | None = No
   kwargs = dict(backbone_kwargs or {})
   kwargs["dtype"] = jnp.dtype(dtype)
   if backbone in HRNET_WIDTHS:
-    from contextpose_jax.models.hrnet import HRNet  # pylint: disable=g-import-not-at-top
     kwargs.setdefault("width", HRNET_WIDTHS[backbone])
-    return HRNet(**kwargs)
+    return hrnet.HRNet(**kwargs)
   if backbone == "cpn":
-    from contextpose_jax.models.cpn import CPN  # pylint: disable=g-import-not-at-top
-    return CPN(**kwargs)
+    return cpn.CPN(**kwargs)
   raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
 
 
@@ -134,20 +140,15 @@ def build_model(model_config: Mapping[str, Any]) -> CAPF:
   if hasattr(kwargs, "to_dict"):
     kwargs = kwargs.to_dict()
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  use_context = cfg.get("use_context", True)
-  backbone = (build_backbone(cfg["backbone"], kwargs, cfg.get("backbone_dtype", "float32"))
-              if use_context else None)
-  lifter = Lifter(
-      embed_dim=cfg.get("embed_dim", 128), depth=cfg.get("depth", 4),
-      num_heads=cfg.get("num_heads", 8), mlp_ratio=cfg.get("mlp_ratio", 2.0),
-      drop_rate=cfg.get("drop_rate", 0.0), attn_drop_rate=cfg.get("attn_drop_rate", 0.0),
-      drop_path_rate=cfg.get("drop_path_rate", 0.2),
-      deformable=cfg.get("deformable", True), use_context=use_context,
-      # Configs written before the precision policy: the parity setting.
-      dtype=cfg.get("lifter_dtype", "float32"),
-      matmul_precision=cfg.get("matmul_precision", "highest"))
-  return CAPF(backbone=backbone, lifter=lifter,
-              train_backbone=cfg.get("train_backbone", False))
+  # Fields a config leaves out (older model_config.json files: e.g. those
+  # written before the precision policy) take the official values.
+  cfg = {**default_model_config(cfg["backbone"], cfg.get("dataset", "h36m")).to_dict(), **cfg}
+  backbone = (build_backbone(cfg["backbone"], kwargs, cfg["backbone_dtype"])
+              if cfg["use_context"] else None)
+  lifter = Lifter(**{name: cfg[name] for name in _LIFTER_FIELDS},
+                  deformable=cfg["deformable"], use_context=cfg["use_context"],
+                  dtype=cfg["lifter_dtype"], matmul_precision=cfg["matmul_precision"])
+  return CAPF(backbone=backbone, lifter=lifter, train_backbone=cfg["train_backbone"])
 
 
 def dummy_inputs(batch_size: int = 1):
@@ -177,7 +178,6 @@ def save_variables(directory: str, variables, model_config, *,
   refused. Directories get the user's umask (``mkdtemp`` alone would make the
   output ``drwx------``).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with fileio.new_directory(directory) as staging:
     tree = jax.tree_util.tree_map(np.asarray, dict(variables))
     with ocp.StandardCheckpointer() as checkpointer:
@@ -202,7 +202,6 @@ def load_model_config(directory: str) -> ml_collections.ConfigDict:
 
 def load_variables(directory: str):
   """Returns ``(variables, model_config)`` from a directory ``save_variables`` wrote."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   model_config = load_model_config(directory)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -218,9 +217,7 @@ TORCH_LIFTER_PREFIX = "volume_net."
 def backbone_family(backbone: str):
   """The module (hrnet or cpn) that owns a backbone's definition and keys."""
   if backbone in HRNET_WIDTHS:
-    from contextpose_jax.models import hrnet  # pylint: disable=g-import-not-at-top
     return hrnet
-  from contextpose_jax.models import cpn  # pylint: disable=g-import-not-at-top
   return cpn
 
 
@@ -231,7 +228,6 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], model: CAPF,
   ``volume_net.*`` becomes the Flax ``lifter``; ``backbone.*`` keys follow the
   backbone family's rules, including the keys it knows to be unused.
   """
-  from contextpose_jax.models import torch_import  # pylint: disable=g-import-not-at-top
   def rename(key):
     if key.startswith(TORCH_LIFTER_PREFIX):
       return "lifter." + key[len(TORCH_LIFTER_PREFIX):]
