@@ -201,6 +201,21 @@ def load_model(path: str, *, require_config: bool = True):
   return variables, model_config
 
 
+def read_model_config(path: str) -> ml_collections.ConfigDict:
+  """The model config of any model directory, without reading the weights."""
+  kind, _, _, workdir = find_model(path)
+  if kind == 'converted':
+    try:
+      return capf.load_model_config(path)
+    except (OSError, ValueError) as e:
+      raise ModelDirectoryError(str(e).splitlines()[0]) from e
+  model_config = _workdir_model_config(workdir)
+  if model_config is None:
+    raise ModelDirectoryError(f'{path}: no {os.path.join(workdir, CONFIG_FILE)} beside the '
+                              'checkpoints (it holds the model config)')
+  return model_config
+
+
 def load_eval_variables(init_from: str):
   """(variables, model_config dict or None): `load_model` for eval-only and
   `config.init_from` (a workdir without config.json takes the command line's)."""
