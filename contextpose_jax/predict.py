@@ -31,6 +31,7 @@ same numbers up to float rounding, and faster (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -277,11 +278,13 @@ class Frames:
 
   def _video_frames(self):
     import cv2  # pylint: disable=g-import-not-at-top
-    capture = cv2.VideoCapture(self.video)
+    with _quiet_native_stderr():
+      capture = cv2.VideoCapture(self.video)
     try:
       i = 0
       while True:
-        ok, frame = capture.read()
+        with _quiet_native_stderr():
+          ok, frame = capture.read()
         if not ok:
           break
         if i >= len(self.names):
@@ -296,19 +299,40 @@ class Frames:
                        "(truncated or corrupt video, or a keypoints file of another length)")
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+  """Silences FFmpeg's own stderr lines ("moov atom not found", ...): the CLI
+  says what went wrong in one line of its own."""
+  sys.stderr.flush()
+  try:
+    saved = os.dup(2)
+  except OSError:  # no fd 2 (embedded interpreters)
+    yield
+    return
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
 def open_video(path: str) -> Frames:
   """A video's frame names and rate; an unreadable video is one error."""
   import cv2  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such video")
-  capture = cv2.VideoCapture(path)
-  try:
-    ok = capture.isOpened()
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
-    fps = float(capture.get(cv2.CAP_PROP_FPS)) if ok else 0.0
-    ok = ok and capture.read()[0]
-  finally:
-    capture.release()
+  with _quiet_native_stderr():
+    capture = cv2.VideoCapture(path)
+    try:
+      ok = capture.isOpened()
+      count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
+      fps = float(capture.get(cv2.CAP_PROP_FPS)) if ok else 0.0
+      ok = ok and capture.read()[0]
+    finally:
+      capture.release()
   if not ok or count < 1:
     raise InputError(f"{path}: cannot be read as a video (corrupt, empty or unsupported)")
   return Frames(names=[f"{i:06d}" for i in range(count)], video=path,
@@ -388,17 +412,18 @@ def smooth_keypoints(keypoints, window: int) -> np.ndarray:
 
 def suspect_reason(keypoints_px, keypoints_crop, box, width: int, height: int) -> str | None:
   """Why a frame's 2D keypoints look wrong (None if they do not)."""
+  # Collapse first: a box made from collapsed keypoints also throws them out of the crop.
+  kp = np.asarray(keypoints_px, np.float64)
+  extent = float((kp.max(0) - kp.min(0)).max())
+  side = float(box[2] - box[0])
+  if extent < COLLAPSE_BOX_FRACTION * side or extent < COLLAPSE_FRAME_FRACTION * min(width, height):
+    return f"the keypoints collapse to nearly one point ({extent:.1f} px across)"
   crop = np.asarray(keypoints_crop, np.float64)
   inside = ((crop >= 0) & (crop <= [skeleton.CROP_WIDTH - 1, skeleton.CROP_HEIGHT - 1])).all(-1)
   outside = int((~inside).sum())
   if outside > skeleton.NUM_JOINTS // 2:
     return (f"{outside} of {skeleton.NUM_JOINTS} keypoints fall outside the crop "
             "(does the box miss the person?)")
-  kp = np.asarray(keypoints_px, np.float64)
-  extent = float((kp.max(0) - kp.min(0)).max())
-  side = float(box[2] - box[0])
-  if extent < COLLAPSE_BOX_FRACTION * side or extent < COLLAPSE_FRAME_FRACTION * min(width, height):
-    return f"the keypoints collapse to nearly one point ({extent:.1f} px across)"
   return None
 
 
