@@ -408,3 +408,26 @@ def test_help_and_private_flags(capsys):
   assert "--checkpoint" in out and "--video" in out and "--smooth" in out
   # Importing predict defines nothing on absl's global FLAGS.
   assert "checkpoint" not in flags.FLAGS and "keypoints" not in flags.FLAGS
+
+
+def test_shipped_examples_load_and_regenerate(tmp_path):
+  """examples/ pairs its frames with keypoints the CLI reads, and
+  make_examples.py regenerates them."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  examples = os.path.join(root, "examples")
+  kp, frames, _ = predict.load_keypoints(os.path.join(examples, "keypoints.json"))
+  paths = predict.list_frames(os.path.join(examples, "frames"), kp, frames, "keypoints.json")
+  assert len(paths) == len(kp) >= 3
+  for path, k in zip(paths, kp):
+    assert os.path.getsize(path) < 20_000
+    h, w = cv2.imread(path).shape[:2]
+    assert (k >= 0).all() and (k[:, 0] < w).all() and (k[:, 1] < h).all()
+  import runpy
+  runpy.run_path(os.path.join(examples, "make_examples.py"), run_name="not_main")["main"](
+      ["--output", str(tmp_path)])
+  with open(os.path.join(examples, "keypoints.json")) as f:
+    assert json.load(f) == json.loads((tmp_path / "keypoints.json").read_text())
+  for path in paths:
+    shipped = cv2.imread(path).astype(int)
+    again = cv2.imread(str(tmp_path / "frames" / os.path.basename(path))).astype(int)
+    assert np.abs(shipped - again).mean() < 1.0
