@@ -257,6 +257,10 @@ class Frames:
   paths: list | None = None
   video: str | None = None
   fps: float | None = None
+  # A container's frame count can be off by a few: without a keypoints file
+  # to match, a video may end early (``trim`` then drops the missing names).
+  strict: bool = True
+  decoded: int | None = None
 
   def __len__(self):
     return len(self.names)
@@ -294,7 +298,8 @@ class Frames:
         i += 1
     finally:
       capture.release()
-    if i != len(self.names):
+    self.decoded = i
+    if i != len(self.names) and (self.strict or i == 0):
       raise InputError(f"{self.video}: {i} frames decoded, {len(self.names)} expected "
                        "(truncated or corrupt video, or a keypoints file of another length)")
 
@@ -766,6 +771,7 @@ def _frames_of(args, keypoints, frame_names, kp_path) -> Frames:
       raise InputError(f"{kp_path}: 'frames' pairs keypoints with a folder's images; a "
                        "video's keypoints are given in frame order")
     frames = open_video(args.video)
+    frames.strict = keypoints is not None
     if keypoints is not None and len(keypoints) != len(frames):
       raise InputError(f"{kp_path}: {len(keypoints)} keypoint sets for the {len(frames)} "
                        f"frames of {args.video}")
@@ -830,6 +836,8 @@ def run(args, detector=None) -> str:
       keypoints = detection["keypoints_px"]
       if args.bbox is None:
         boxes = None  # lift around the detected person, as with given keypoints
+      if frames.decoded is not None and frames.decoded < len(frames):
+        frames.names = frames.names[:frames.decoded]  # the container over-counted
     extra = {}
     if args.smooth > 1:
       extra["keypoints_2d_px_unsmoothed"] = np.asarray(keypoints, np.float32)
