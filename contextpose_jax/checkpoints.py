@@ -134,12 +134,12 @@ def _restore_step(step_dir: str, item: str):
   return variables
 
 
-def _latest_step(directory: str):
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    return mngr.latest_step()
-  finally:
-    mngr.close()
+def _latest_step(directory: str, item: str):
+  """The highest finished step under `directory` (orbax's `<step>/` folders;
+  unfinished saves are `<step>.orbax-checkpoint-tmp-*`), or None."""
+  steps_found = [int(n) for n in os.listdir(directory)
+                 if n.isdigit() and os.path.isdir(os.path.join(directory, n, item))]
+  return max(steps_found, default=None)
 
 
 def find_model(path: str):
@@ -166,7 +166,7 @@ def find_model(path: str):
     directory = os.path.join(path, sub)
     if not os.path.isdir(directory):
       continue
-    step = _latest_step(directory)
+    step = _latest_step(directory, item)
     if step is not None:
       return 'workdir', os.path.join(directory, str(step)), item, path
   if any(os.path.isdir(os.path.join(path, sub)) for sub in _STEP_ITEMS):
