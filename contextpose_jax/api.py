@@ -2,7 +2,7 @@
 
 ```python
 from contextpose_jax.api import Predictor
-p = Predictor.load(DIR)            # a directory written by weights_conversion.convert
+p = Predictor.load(DIR)            # converter output, training workdir or step checkpoint
 feats = p.features(images)         # list of 4 NHWC np.ndarrays
 pose = p.predict(images, keypoints_2d, keypoints_2d_crop)   # (B, 1, 17, 3)
 
@@ -39,7 +39,10 @@ class Predictor:
 
   @classmethod
   def load(cls, directory: str) -> "Predictor":
-    variables, model_config = capf.load_variables(directory)
+    """From a converter output, a training workdir (its best checkpoint, else
+    its latest) or one of its step checkpoints: ``checkpoints.load_model``."""
+    from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    variables, model_config = checkpoints.load_model(directory)
     return cls(capf.build_model(model_config), variables, model_config)
 
   @property

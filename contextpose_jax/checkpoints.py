@@ -11,7 +11,9 @@ import os
 from typing import Any, Mapping
 
 from absl import logging
+import flax
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -83,44 +85,145 @@ class Checkpoints:
     self.best.close()
 
 
-def load_eval_variables(init_from: str):
-  """(variables, model_config dict or None) from a converter output directory
-  or a training workdir (its best checkpoint, else its latest)."""
-  if not os.path.isdir(init_from):
-    raise FileNotFoundError(f'config.init_from={init_from}: no such directory')
-  if os.path.isfile(os.path.join(init_from, capf.MODEL_CONFIG_FILE)):
-    variables, model_config = capf.load_variables(init_from)
-    return variables, model_config.to_dict()
-  model_config = None
-  config_path = os.path.join(init_from, CONFIG_FILE)
-  if os.path.isfile(config_path):
-    with open(config_path) as f:
-      model_config = json.load(f)['model']
-  best_dir = os.path.join(init_from, BEST_DIR)
-  latest_dir = os.path.join(init_from, LATEST_DIR)
-  for directory, item in ((best_dir, 'variables'), (latest_dir, 'state')):
+class ModelDirectoryError(FileNotFoundError):
+  """A path that is not a loadable model directory; the message is one line
+  naming the path and the layouts that are accepted."""
+
+
+# The one place that lists the accepted layouts (docs/inference.md, "Model directories").
+MODEL_LAYOUTS = (f'a converter output ({capf.MODEL_CONFIG_FILE} + {capf.VARIABLES_DIR}/), '
+                 f'a training workdir ({CONFIG_FILE} + {BEST_DIR}/ or {LATEST_DIR}/) or '
+                 f'one of its step checkpoints ({BEST_DIR}/<step> or {LATEST_DIR}/<step>)')
+
+# The item each step-checkpoint kind stores the model in (see `Checkpoints`).
+_STEP_ITEMS = {BEST_DIR: 'variables', LATEST_DIR: 'state'}
+
+
+def _wrong_kind(path: str, why: str) -> ModelDirectoryError:
+  return ModelDirectoryError(f'{path}: {why}; expected {MODEL_LAYOUTS}')
+
+
+def _workdir_model_config(workdir: str):
+  """The `model` entry of WORKDIR/config.json, or None without that file."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f)['model'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ModelDirectoryError(f'{path}: no readable "model" entry ({type(e).__name__})') from e
+
+
+def _restore_step(step_dir: str, item: str):
+  """Model variables from one step checkpoint's `item` ('variables' or 'state')."""
+  item_dir = os.path.join(step_dir, item)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(item_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).splitlines()[0] if str(e) else ''
+    raise ModelDirectoryError(f'{item_dir}: cannot be restored ({type(e).__name__}: '
+                              f'{first})') from e
+  if item == 'variables':
+    return restored
+  # A full train state: the model is the trained + frozen params (+ BN stats).
+  variables = {'params': steps.merge_params(restored['params'], restored['frozen_params'] or {})}
+  if restored.get('batch_stats'):
+    variables['batch_stats'] = restored['batch_stats']
+  return variables
+
+
+def _latest_step(directory: str, item: str):
+  """The highest finished step under `directory` (orbax's `<step>/` folders;
+  unfinished saves are `<step>.orbax-checkpoint-tmp-*`), or None."""
+  steps_found = [int(n) for n in os.listdir(directory)
+                 if n.isdigit() and os.path.isdir(os.path.join(directory, n, item))]
+  return max(steps_found, default=None)
+
+
+def find_model(path: str):
+  """Resolves a model path without loading weights.
+
+  Returns `(kind, step_dir_or_path, item, workdir)`, `kind` one of
+  'converted', 'workdir', 'step'. Raises ModelDirectoryError (one line).
+  """
+  if not os.path.exists(path):
+    raise ModelDirectoryError(f'{path}: no such model directory')
+  if not os.path.isdir(path):
+    raise _wrong_kind(path, 'a file, not a directory')
+  if os.path.isfile(os.path.join(path, capf.MODEL_CONFIG_FILE)):
+    if not os.path.isdir(os.path.join(path, capf.VARIABLES_DIR)):
+      raise _wrong_kind(path, f'{capf.MODEL_CONFIG_FILE} without {capf.VARIABLES_DIR}/')
+    return 'converted', path, capf.VARIABLES_DIR, None
+  # A step checkpoint: WORKDIR/best/<step>/variables or WORKDIR/checkpoints/<step>/state.
+  parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  item = _STEP_ITEMS.get(parent)
+  if item and os.path.isdir(os.path.join(path, item)):
+    return 'step', path, item, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  # A workdir: its best checkpoint, else its latest train state.
+  for sub, item in _STEP_ITEMS.items():
+    directory = os.path.join(path, sub)
     if not os.path.isdir(directory):
       continue
-    mngr = ocp.CheckpointManager(directory, item_names=(item,),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    step = mngr.latest_step()
-    if step is None:
-      mngr.close()
-      continue
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        **{item: ocp.args.StandardRestore()}))[item]
-    mngr.close()
-    if item == 'state':
-      variables = {'params': steps.merge_params(restored['params'], restored['frozen_params'] or {})}
-      if restored.get('batch_stats'):
-        variables['batch_stats'] = restored['batch_stats']
-    else:
-      variables = restored
-    logging.info('Loaded %s step %d from %s', item, step, directory)
-    return variables, model_config
-  raise FileNotFoundError(
-      f'config.init_from={init_from}: neither a converter output directory '
-      f'({capf.MODEL_CONFIG_FILE}) nor a training workdir ({BEST_DIR}/ or {LATEST_DIR}/)')
+    step = _latest_step(directory, item)
+    if step is not None:
+      return 'workdir', os.path.join(directory, str(step)), item, path
+  if any(os.path.isdir(os.path.join(path, sub)) for sub in _STEP_ITEMS):
+    raise _wrong_kind(path, 'a training workdir without a finished checkpoint')
+  raise _wrong_kind(path, 'not a model directory')
+
+
+def load_model(path: str, *, require_config: bool = True):
+  """`(variables, model_config ConfigDict)` from any model directory.
+
+  The one model loader (Predictor.load, the predict CLI, eval-only, init_from):
+    - a converter output: `model_config.json` + `variables/` (orbax);
+    - a training workdir: its best checkpoint `best/<step>/variables`, else
+      its latest `checkpoints/<step>/state`; the model config is the `model`
+      entry of `WORKDIR/config.json`;
+    - a step checkpoint by path: `WORKDIR/best/<step>` or `WORKDIR/checkpoints/<step>`.
+  A workdir without `config.json` gives `model_config=None` unless
+  `require_config`. Every failure is one ModelDirectoryError line.
+  """
+  kind, step_dir, item, workdir = find_model(path)
+  if kind == 'converted':
+    try:
+      return capf.load_variables(path)
+    except (OSError, ValueError) as e:
+      raise ModelDirectoryError(str(e).splitlines()[0]) from e
+  model_config = _workdir_model_config(workdir)
+  if model_config is None and require_config:
+    raise ModelDirectoryError(f'{path}: no {os.path.join(workdir, CONFIG_FILE)} beside the '
+                              'checkpoints (it holds the model config)')
+  variables = _restore_step(step_dir, item)
+  logging.info('Loaded %s from %s', item, step_dir)
+  return variables, model_config
+
+
+def read_model_config(path: str) -> ml_collections.ConfigDict:
+  """The model config of any model directory, without reading the weights."""
+  kind, _, _, workdir = find_model(path)
+  if kind == 'converted':
+    try:
+      return capf.load_model_config(path)
+    except (OSError, ValueError) as e:
+      raise ModelDirectoryError(str(e).splitlines()[0]) from e
+  model_config = _workdir_model_config(workdir)
+  if model_config is None:
+    raise ModelDirectoryError(f'{path}: no {os.path.join(workdir, CONFIG_FILE)} beside the '
+                              'checkpoints (it holds the model config)')
+  return model_config
+
+
+def load_eval_variables(init_from: str):
+  """(variables, model_config dict or None): `load_model` for eval-only and
+  `config.init_from` (a workdir without config.json takes the command line's)."""
+  try:
+    variables, model_config = load_model(init_from, require_config=False)
+  except ModelDirectoryError as e:
+    raise ModelDirectoryError(f'config.init_from={e}') from e
+  return variables, (model_config.to_dict() if model_config is not None else None)
 
 
 def load_backbone(variables, directory: str):

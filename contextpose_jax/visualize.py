@@ -97,3 +97,49 @@ def plot_pose(path: str, crop_rgb, keypoints_crop, pose_3d, *, dataset: str = "h
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, format="png")
+
+
+def _axes_3d_frame(ax3, radius, elev, azim):
+  for setter in (ax3.set_xlim, ax3.set_ylim, ax3.set_zlim):
+    setter(-radius, radius)
+  ax3.set_box_aspect((1, 1, 1))
+  ax3.view_init(elev=elev, azim=azim)
+  ax3.set_xlabel("x (m)", fontsize=7)
+  ax3.set_ylabel("z (m)", fontsize=7)
+  ax3.set_zlabel("-y (m)", fontsize=7)
+  ax3.tick_params(labelsize=5)
+
+
+def animate_poses(path: str, poses_3d, *, dataset: str = "h36m", fps: float = 10.0,
+                  elev: float = 15.0, azim: float = -70.0, titles=None,
+                  size_inches: float = 3.2, dpi: int = 80) -> None:
+  """Writes an animated GIF of the 3D skeleton over frames (matplotlib's PillowWriter).
+
+  ``poses_3d`` (N, 17, 3) root-relative (metres, camera axes). The axes are
+  fixed over the whole clip (centred on the root), so motion is visible.
+  """
+  from matplotlib.animation import PillowWriter  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  poses = np.asarray(poses_3d, dtype=np.float64)
+  if poses.ndim != 3 or poses.shape[1:] != (skeleton.NUM_JOINTS, 3):
+    raise ValueError(f"animate_poses: want (N, 17, 3) joints, got {poses.shape}")
+  xyz = np.stack([poses[..., 0], poses[..., 2], -poses[..., 1]], axis=-1)
+  finite = xyz[np.isfinite(xyz).all(-1)]
+  radius = max(float(np.abs(finite).max()) if finite.size else 1.0, 0.05) * 1.1
+  skeleton_bones = bones(dataset)
+
+  fig = Figure(figsize=(size_inches, size_inches), dpi=dpi)
+  FigureCanvasAgg(fig)
+  ax3 = fig.add_subplot(1, 1, 1, projection="3d")
+  writer = PillowWriter(fps=fps)
+  with writer.saving(fig, path, dpi):
+    for i, frame in enumerate(xyz):
+      ax3.cla()
+      _axes_3d_frame(ax3, radius, elev, azim)
+      for parent, child, color in skeleton_bones:
+        seg = frame[[parent, child]]
+        ax3.plot(seg[:, 0], seg[:, 1], seg[:, 2], color=color, linewidth=2.0)
+      ax3.set_title(str(titles[i]) if titles is not None else f"frame {i}", fontsize=8)
+      writer.grab_frame()

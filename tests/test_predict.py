@@ -127,8 +127,13 @@ def test_single_image_matches_predictor_and_torch(checkpoint, tmp_path):
   # The official matrix is built from float32 points: ~1e-4 px from the formula.
   np.testing.assert_allclose(written["keypoints_2d_crop"][0], kp_crop, rtol=0, atol=2e-3)
   np.testing.assert_array_equal(written["bbox"][0], box)
-  pose = written["keypoints_3d"][0]
+  # keypoints_3d_raw is the model's output; keypoints_3d has the pelvis at 0.
+  pose = written["keypoints_3d_raw"][0]
   assert pose.shape == (17, 3) and np.abs(pose).max() > 0.05
+  assert np.abs(pose[0]).max() > 1e-4  # the official head predicts the root too
+  np.testing.assert_allclose(written["keypoints_3d"][0], pose - pose[0], atol=1e-6)
+  assert np.all(written["keypoints_3d"][0][0] == 0) and int(written["root_joint"]) == 0
+  assert written["suspect_keypoints"].tolist() == [False]
 
   # Same crop -> the same joints as the Python API and as the torch model.
   want = Predictor.load(str(directory)).predict(image[None], kp2d[None], kp_crop[None])
@@ -138,7 +143,11 @@ def test_single_image_matches_predictor_and_torch(checkpoint, tmp_path):
 
   record = json.loads((out / "poses.json").read_text())
   assert record["joint_names"][0] == "pelvis" and len(record["joint_names"]) == 17
-  np.testing.assert_allclose(record["frames"]["frame.png"]["keypoints_3d"], pose, atol=1e-6)
+  np.testing.assert_allclose(record["frames"]["frame.png"]["keypoints_3d_raw"], pose,
+                             atol=1e-6)
+  np.testing.assert_allclose(record["frames"]["frame.png"]["keypoints_3d"],
+                             written["keypoints_3d"][0], atol=1e-6)
+  assert record["root_joint"] == 0
 
   # The PNG decodes, has both panels, and shows left (blue) and right (red) limbs.
   png = cv2.cvtColor(cv2.imread(str(out / "frame.png")), cv2.COLOR_BGR2RGB)
@@ -177,7 +186,7 @@ def test_folder_coco_keypoints_flip_test(checkpoint, tmp_path):
     kp = skeleton.coco_to_h36m(coco[i])
     _, image, kp2d, kp_crop = _reference_inputs(frames[i], kp, boxes[i])
     want = predictor.predict(image[None], kp2d[None], kp_crop[None], flip_test=True)
-    np.testing.assert_allclose(written["keypoints_3d"][i], want[0, 0], rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(written["keypoints_3d_raw"][i], want[0, 0], rtol=1e-4, atol=2e-4)
     np.testing.assert_allclose(written["keypoints_2d_px"][i], kp, atol=1e-4)
   assert sorted(os.listdir(out)) == ["poses.json", "poses.npz"]
 
