@@ -25,25 +25,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contextpose_jax import checkpoints
 from contextpose_jax import skeleton
 from contextpose_jax.models import capf
+from contextpose_jax.models import folding
 from contextpose_jax.models import heatmaps as heatmap_decoding
 
 
 @dataclasses.dataclass
 class Predictor:
-  """A CA-PF model (or a bare backbone) with its variables, ready to run."""
+  """A CA-PF model (or a bare backbone) with its variables, ready to run.
+
+  ``variables`` are the model's own (official layout). With
+  ``fold_batch_norm`` (the default) the frozen backbone's BatchNorms are
+  folded into its convs once, at first use: the same numbers up to float
+  rounding, faster (docs/benchmarks.md).
+  """
   model: capf.CAPF
   variables: Any
   model_config: Any
+  fold_batch_norm: bool = True
 
   @classmethod
-  def load(cls, directory: str) -> "Predictor":
+  def load(cls, directory: str, *, fold_batch_norm: bool = True) -> "Predictor":
     """From a converter output, a training workdir (its best checkpoint, else
     its latest) or one of its step checkpoints: ``checkpoints.load_model``."""
-    from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
     variables, model_config = checkpoints.load_model(directory)
-    return cls(capf.build_model(model_config), variables, model_config)
+    return cls(capf.build_model(model_config), variables, model_config, fold_batch_norm)
+
+  @functools.cached_property
+  def fold_pairs(self) -> tuple:
+    """The (conv, BatchNorm) pairs folded at load time (empty: none)."""
+    if not self.fold_batch_norm or "backbone" not in self.variables["params"]:
+      return ()
+    return capf.backbone_batch_norm_pairs(self.model, self.variables)
+
+  @functools.cached_property
+  def run_variables(self):
+    """The variables the compiled functions run: ``variables``, folded."""
+    if not self.fold_pairs:
+      return self.variables
+    return jax.tree.map(np.asarray, folding.fold_batch_norm(self.variables, self.fold_pairs))
+
+  def _apply(self, variables, *args, **kwargs):
+    return folding.apply_folded(self.model, variables, *args, pairs=self.fold_pairs, **kwargs)
 
   @property
   def has_lifter(self) -> bool:
@@ -55,11 +80,11 @@ class Predictor:
 
   @functools.cached_property
   def _features_fn(self):
-    return jax.jit(lambda v, x: self.model.apply(v, x, method=capf.CAPF.features))
+    return jax.jit(lambda v, x: self._apply(v, x, method=capf.CAPF.features))
 
   @functools.cached_property
   def _predict_fn(self):
-    return jax.jit(lambda v, x, k, c: self.model.apply(v, x, k, c))
+    return jax.jit(lambda v, x, k, c: self._apply(v, x, k, c))
 
   @property
   def has_heatmap_head(self) -> bool:
@@ -69,13 +94,13 @@ class Predictor:
   @functools.cached_property
   def _detect_fn(self):
     def detect(v, x):
-      heat = self.model.apply(v, x, method=capf.CAPF.heatmaps)
+      heat = self._apply(v, x, method=capf.CAPF.heatmaps)
       coords, scores = heatmap_decoding.decode_heatmaps(heat)
       return heat, heatmap_decoding.heatmap_to_crop(coords), scores
     return jax.jit(detect)
 
   def _backbone_variables(self):
-    return {k: {"backbone": v["backbone"]} for k, v in self.variables.items()
+    return {k: {"backbone": v["backbone"]} for k, v in self.run_variables.items()
             if "backbone" in v}
 
   def _run_detector(self, images):
@@ -133,11 +158,11 @@ class Predictor:
     kp2d = np.asarray(keypoints_2d, np.float32)
     crop = np.asarray(keypoints_2d_crop, np.float32)
     _check_inputs(images, kp2d, crop)
-    pose = np.asarray(self._predict_fn(self.variables, images, kp2d, crop))
+    pose = np.asarray(self._predict_fn(self.run_variables, images, kp2d, crop))
     if not flip_test:
       return pose
     flipped = np.asarray(self._predict_fn(
-        self.variables, np.ascontiguousarray(skeleton.flip_images(images)),
+        self.run_variables, np.ascontiguousarray(skeleton.flip_images(images)),
         skeleton.flip_keypoints_2d(kp2d, self.dataset),
         skeleton.flip_keypoints_crop(crop, self.dataset)))
     return (pose + skeleton.flip_pose_3d(flipped, self.dataset)) / 2

@@ -26,7 +26,7 @@ official (center, scale) affine warp to 192x256, ``keypoints_2d`` normalized
 by the full image size (``X / w * 2 - [1, h / w]``), ``keypoints_2d_crop``
 through the same affine, and the crop normalized for the checkpoint's
 backbone. The frozen backbone's BatchNorms are folded into its convolutions at
-load time (``FoldedPredictor``; ``--nofold_batch_norm`` to keep them): the
+load time (``Predictor(fold_batch_norm=True)``; ``--nofold_batch_norm`` to keep them): the
 same numbers up to float rounding, and faster (docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -49,7 +49,6 @@ from contextpose_jax import geometry
 from contextpose_jax import image_io
 from contextpose_jax import skeleton
 from contextpose_jax.api import Predictor
-from contextpose_jax.models.folding import apply_folded, find_conv_bn_pairs, fold_batch_norm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -212,37 +211,6 @@ def read_image(path: str) -> np.ndarray:
     return image_io.read_image(path)
   except image_io.ImageError as e:
     raise InputError(str(e)) from e
-
-
-@dataclasses.dataclass
-class FoldedPredictor(Predictor):
-  """A ``Predictor`` whose backbone BatchNorms are folded into the convs.
-
-  Same ``predict`` / ``features`` (input checks, flip test) and, up to float
-  rounding, the same numbers; faster on CPU (docs/benchmarks.md: the
-  unfolded BatchNorm is an extra pass over every activation).
-  """
-  pairs: tuple = ()
-
-  @classmethod
-  def fold(cls, predictor: Predictor) -> "FoldedPredictor":
-    from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
-    pairs = tuple(find_conv_bn_pairs(predictor.model, predictor.variables,
-                                     *capf.dummy_inputs(1)))
-    return cls(predictor.model, fold_batch_norm(predictor.variables, pairs),
-               predictor.model_config, pairs)
-
-  @functools.cached_property
-  def _features_fn(self):
-    import jax  # pylint: disable=g-import-not-at-top
-    from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
-    return jax.jit(lambda v, x: apply_folded(self.model, v, x, pairs=self.pairs,
-                                             method=capf.CAPF.features))
-
-  @functools.cached_property
-  def _predict_fn(self):
-    import jax  # pylint: disable=g-import-not-at-top
-    return jax.jit(lambda v, x, k, c: apply_folded(self.model, v, x, k, c, pairs=self.pairs))
 
 
 # ----------------------------------------------------------------------------
@@ -757,10 +725,10 @@ def _read_model_config(path: str):
     raise InputError(str(e)) from e
 
 
-def _load_predictor(path: str) -> Predictor:
+def _load_predictor(path: str, fold_batch_norm: bool = True) -> Predictor:
   from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   try:
-    return Predictor.load(path)
+    return Predictor.load(path, fold_batch_norm=fold_batch_norm)
   except checkpoints.ModelDirectoryError as e:
     raise InputError(str(e)) from e
 
@@ -820,12 +788,10 @@ def run(args, detector=None) -> str:
       raise InputError(f"{args.detector}: no COCO heatmap head; convert a COCO backbone "
                        "file with its head (docs/inference.md)")
 
-  predictor = _load_predictor(args.checkpoint)
+  predictor = _load_predictor(args.checkpoint, args.fold_batch_norm)
   if not predictor.has_lifter:
     raise InputError(f"{args.checkpoint}: holds only a backbone; give a CA-PF model "
                      "(a converted --kind=capf checkpoint or a training workdir)")
-  if args.fold_batch_norm:
-    predictor = FoldedPredictor.fold(predictor)
 
   from contextpose_jax import visualize  # pylint: disable=g-import-not-at-top
   with fileio.new_directory(args.output) as staging:

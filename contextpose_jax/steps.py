@@ -146,22 +146,13 @@ def mpjpe_loss(pred, target):
   return jnp.mean(jnp.linalg.norm(pred - target, axis=-1))
 
 
-def frozen_batch_norm_pairs(model) -> tuple[folding.ConvBN, ...]:
-  """The (conv, BatchNorm) pairs of a frozen backbone; none for a trained one.
-
-  A frozen backbone runs its BatchNorms in inference mode: per-channel affine
-  maps that fold into the preceding convs (`models/folding.py`). The steps
-  fold inside the compiled program, so the train state and the checkpoints
-  keep the official, unfolded variables.
-  """
-  if model.backbone is None or model.train_backbone:
-    return ()
-  shapes = capf.variable_shapes(model)
-  return tuple(folding.find_conv_bn_pairs(model, shapes, *capf.dummy_inputs(1)))
-
-
 def apply_model(model, variables, *inputs, fold_pairs=(), **kwargs):
-  """`model.apply`, with the `fold_pairs` BatchNorms folded into their convs."""
+  """`model.apply`, with the `fold_pairs` BatchNorms folded into their convs.
+
+  The steps fold inside the compiled program (one multiply per frozen
+  weight), so the train state and the checkpoints keep the official,
+  unfolded variables.
+  """
   if not fold_pairs:
     return model.apply(variables, *inputs, **kwargs)
   return folding.apply_folded(model, folding.fold_batch_norm(variables, fold_pairs),
@@ -225,7 +216,7 @@ def predict_step(variables, batch, *, model, dataset: str, flip_test: bool, fold
 
 
 def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool, fold_batch_norm: bool = True):
-  pairs = frozen_batch_norm_pairs(model) if fold_batch_norm and not train_backbone else ()
+  pairs = capf.backbone_batch_norm_pairs(model) if fold_batch_norm and not train_backbone else ()
   step = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
                            train_backbone=train_backbone, fold_pairs=pairs)
   return jax.jit(step, out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
@@ -234,7 +225,7 @@ def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool, fold_batch_nor
 
 def make_predict_step(model, mesh, dataset: str, flip_test: bool, fold_batch_norm: bool = True):
   """The jitted predict step; build it once per run (each call compiles anew)."""
-  pairs = frozen_batch_norm_pairs(model) if fold_batch_norm else ()
+  pairs = capf.backbone_batch_norm_pairs(model) if fold_batch_norm else ()
   step = functools.partial(predict_step, model=model, dataset=dataset, flip_test=flip_test,
                            fold_pairs=pairs)
   return jax.jit(step, out_shardings=parallel.batch_sharding(mesh))

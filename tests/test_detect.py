@@ -203,12 +203,14 @@ def test_hrnet_w32_heatmaps_equal_torch_float64(hrnet_w32):
   assert want.shape == (1, H, W, J) and np.abs(want).max() > 1.0
   with jax.enable_x64(True):
     p64 = _float64(predictor)
+    backbone = {k: {"backbone": v["backbone"]} for k, v in p64.variables.items()
+                if "backbone" in v}  # the official (unfolded) variables
     # Op by op: cheaper than compiling the full net for one call.
-    got = p64.model.apply(p64._backbone_variables(), images.astype(np.float64),
+    got = p64.model.apply(backbone, images.astype(np.float64),
                           method=capf.CAPF.heatmaps)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-9, atol=1e-9)
-    maps, hm = p64.model.apply(p64._backbone_variables(), images.astype(np.float64),
+    maps, hm = p64.model.apply(backbone, images.astype(np.float64),
                                method=capf.CAPF.features_and_heatmaps)
     np.testing.assert_array_equal(np.asarray(hm), np.asarray(got))
     assert [m.shape for m in maps] == [(1, 64, 48, 32), (1, 32, 24, 64),

@@ -280,9 +280,10 @@ def test_fold_equals_torch_fuse_conv_bn_eval():
 
 def test_folded_predictor_equals_predictor(checkpoint):
   directory, _ = checkpoint
-  plain = Predictor.load(str(directory))
-  folded = predict.FoldedPredictor.fold(plain)
-  assert "batch_stats" not in folded.variables and len(folded.pairs) > 10
+  plain = Predictor.load(str(directory), fold_batch_norm=False)
+  folded = Predictor.load(str(directory))  # folds by default
+  assert plain.run_variables is plain.variables and not plain.fold_pairs
+  assert "batch_stats" not in folded.run_variables and len(folded.fold_pairs) > 10
   rng = np.random.default_rng(5)
   images = rng.normal(size=(2, 256, 192, 3)).astype(np.float32)
   kp2d = rng.uniform(-1, 1, (2, 17, 2)).astype(np.float32)

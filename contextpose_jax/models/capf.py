@@ -22,6 +22,7 @@ from contextpose_jax import skeleton
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models import HRNET_WIDTHS
 from contextpose_jax.models import cpn
+from contextpose_jax.models import folding
 from contextpose_jax.models import hrnet
 from contextpose_jax.models import torch_import
 from contextpose_jax.models.lifter import Lifter
@@ -161,6 +162,22 @@ def dummy_inputs(batch_size: int = 1):
 def variable_shapes(model: CAPF):
   """The variables tree of ``model`` as ShapeDtypeStructs (no compute)."""
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs()))
+
+
+def backbone_batch_norm_pairs(model: CAPF, variables=None) -> tuple[folding.ConvBN, ...]:
+  """The (conv, BatchNorm) pairs of a frozen backbone; none for a trained one.
+
+  A frozen backbone runs its BatchNorms in inference mode: per-channel affine
+  maps that fold into the preceding convs (`models/folding.py`), one pass over
+  every activation fewer. Found by tracing `CAPF.features` (no compute) on
+  `variables` (default: the model's variable shapes).
+  """
+  if model.backbone is None or model.train_backbone:
+    return ()
+  if variables is None:
+    variables = variable_shapes(model)
+  return tuple(folding.find_conv_bn_pairs(model, variables, dummy_inputs(1)[0],
+                                          method=CAPF.features))
 
 
 def _config_to_json(model_config) -> dict:
