@@ -208,6 +208,40 @@ def test_detection_then_lifting_matches_given_keypoints(models, tmp_path):
                              got["keypoints_3d"], atol=1e-5)
 
 
+def test_real_detector_directory_end_to_end(models, tmp_path):
+  """`--detector=DIR` with a COCO backbone directory (heatmap head kept, as
+  the converter writes it): the CLI's 2D keypoints are the detector's own
+  `detect_2d` on the official whole-frame crop, mapped back to the frame."""
+  config = capf.default_model_config("hrnet_32")
+  config.backbone_kwargs = dict(inference_fixtures.SMALL_HRNET, heatmap_head=True)
+  model = capf.build_model(config)
+  variables = jax.tree_util.tree_map(np.asarray, jax.jit(model.init)(
+      jax.random.PRNGKey(3), *capf.dummy_inputs(1)))
+  backbone_only = {k: {"backbone": v["backbone"]} for k, v in variables.items()}
+  coco_dir = tmp_path / "coco"
+  capf.save_variables(str(coco_dir), backbone_only, config)
+  frame = _frame(4)
+  _write_png(tmp_path / "f.png", frame)
+  out = tmp_path / "out"
+  assert _run(f"--checkpoint={models['converted']}", f"--detector={coco_dir}",
+              f"--image={tmp_path / 'f.png'}", "--noplot", f"--output={out}") == 0
+  got = np.load(out / "poses.npz")
+
+  detector = Predictor.load(str(coco_dir))
+  assert detector.has_heatmap_head and not detector.has_lifter
+  # The official warp of the whole 320x240 frame made square (320 x 320).
+  s = 191.0 / (319.0 - 1.0)
+  matrix = np.array([[s, 0, 95.5 - s * 159.5], [0, s, 127.5 - s * 119.5]])
+  crop = cv2.warpAffine(frame, matrix, (192, 256), flags=cv2.INTER_LINEAR)
+  image = ((crop / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])[None]
+  center, scale = geometry.box_to_center_scale([0.0, -40.0, 319.0, 279.0])
+  want, scores = detector.detect_2d(image.astype(np.float32), center=center, scale=scale)
+  np.testing.assert_allclose(got["keypoints_2d_coco_px"][0], want[0], atol=0.05)
+  np.testing.assert_allclose(got["keypoints_2d_px"][0], skeleton.coco_to_h36m(want[0]),
+                             atol=0.05)
+  assert np.all(np.isfinite(got["keypoints_3d"]))
+
+
 # ----------------------------------------------------------------------------
 # Videos and folders.
 # ----------------------------------------------------------------------------
