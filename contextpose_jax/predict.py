@@ -39,16 +39,21 @@ import os
 import sys
 import tempfile
 import time
+import types
 from typing import Iterator, Sequence
 
 from absl import flags
+import cv2
 import numpy as np
 
+from contextpose_jax import checkpoints
 from contextpose_jax import fileio
 from contextpose_jax import geometry
 from contextpose_jax import image_io
 from contextpose_jax import skeleton
+from contextpose_jax import visualize
 from contextpose_jax.api import Predictor
+from contextpose_jax.data import transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -187,7 +192,6 @@ def make_example(image_rgb: np.ndarray, keypoints_px, box, backbone: str) -> dic
   (normalized screen coordinates of the full frame), ``keypoints_2d_crop``
   (crop pixels, the official affine) and the (center, scale) used.
   """
-  from contextpose_jax.data import transforms  # pylint: disable=g-import-not-at-top
   h, w = image_rgb.shape[:2]
   kp = np.asarray(keypoints_px, dtype=np.float64)
   center, scale = geometry.box_to_center_scale(box)
@@ -249,7 +253,6 @@ class Frames:
       yield i, self.names[i], read_image(path)
 
   def _video_frames(self):
-    import cv2  # pylint: disable=g-import-not-at-top
     with _quiet_native_stderr():
       capture = cv2.VideoCapture(self.video)
     try:
@@ -294,7 +297,6 @@ def _quiet_native_stderr():
 
 def open_video(path: str) -> Frames:
   """A video's frame names and rate; an unreadable video is one error."""
-  import cv2  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such video")
   with _quiet_native_stderr():
@@ -419,7 +421,6 @@ def detect_frames(detector, frames: Frames, boxes, *, batch_size: int,
   and handed to ``detector.detect_2d`` (keypoints in crop pixels, COCO order;
   scores); the keypoints go back to the frame through the inverse affine.
   """
-  from contextpose_jax.data import transforms  # pylint: disable=g-import-not-at-top
   backbone = _detector_backbone(detector)
   out = {"coco_px": [], "coco_scores": [], "detection_bbox": []}
   progress = Progress("detect 2D", len(frames))
@@ -662,7 +663,6 @@ def parse_flags(argv: Sequence[str]):
   for name in _REQUIRED:
     if _FLAGS[name].value is None:
       raise InputError(f"--{name} is required (see --help)")
-  import types  # pylint: disable=g-import-not-at-top
   own = _FLAGS.find_module_defining_flag("checkpoint")
   return types.SimpleNamespace(**{f.name: f.value for f in _FLAGS.flags_by_module_dict()[own]})
 
@@ -716,7 +716,6 @@ def _check_options(args) -> None:
 
 
 def _read_model_config(path: str):
-  from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise InputError(f"{path}: no such checkpoint directory")
   try:
@@ -726,7 +725,6 @@ def _read_model_config(path: str):
 
 
 def _load_predictor(path: str, fold_batch_norm: bool = True) -> Predictor:
-  from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   try:
     return Predictor.load(path, fold_batch_norm=fold_batch_norm)
   except checkpoints.ModelDirectoryError as e:
@@ -793,7 +791,6 @@ def run(args, detector=None) -> str:
     raise InputError(f"{args.checkpoint}: holds only a backbone; give a CA-PF model "
                      "(a converted --kind=capf checkpoint or a training workdir)")
 
-  from contextpose_jax import visualize  # pylint: disable=g-import-not-at-top
   with fileio.new_directory(args.output) as staging:
     detection = None
     if keypoints is None:

@@ -7,6 +7,9 @@ standing person stands.
 """
 from __future__ import annotations
 
+from matplotlib.animation import PillowWriter
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 import numpy as np
 
 from contextpose_jax import skeleton
@@ -51,8 +54,6 @@ def plot_pose(path: str, crop_rgb, keypoints_crop, pose_3d, *, dataset: str = "h
     elev, azim: the 3D view (matplotlib degrees).
   """
   # The object API (no pyplot): no global state, safe in any backend setup.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   crop_rgb = np.asarray(crop_rgb)
   kp = np.asarray(keypoints_crop, dtype=np.float64)
@@ -118,9 +119,6 @@ def animate_poses(path: str, poses_3d, *, dataset: str = "h36m", fps: float = 10
   ``poses_3d`` (N, 17, 3) root-relative (metres, camera axes). The axes are
   fixed over the whole clip (centred on the root), so motion is visible.
   """
-  from matplotlib.animation import PillowWriter  # pylint: disable=g-import-not-at-top
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   poses = np.asarray(poses_3d, dtype=np.float64)
   if poses.ndim != 3 or poses.shape[1:] != (skeleton.NUM_JOINTS, 3):

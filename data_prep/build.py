@@ -16,11 +16,16 @@ import os
 import sys
 
 from absl import flags
+import jax
+from jax.experimental import multihost_utils
 
 from contextpose_jax import cli
 from contextpose_jax import image_io
 from contextpose_jax import locking
+from data_prep import human36m
+from data_prep import mpi_inf_3dhp
 from data_prep import records
+from data_prep import synthetic
 
 NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
 
@@ -111,7 +116,6 @@ def run(args) -> str:
   if args.examples_per_shard is not None:
     common['examples_per_shard'] = args.examples_per_shard
   if args.name == 'synthetic_human36m':
-    from data_prep import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.build(
         num_train=args.num_train, num_validation=args.num_validation,
         frames_per_video=args.frames_per_video, seed=args.seed, **common)
@@ -121,10 +125,8 @@ def run(args) -> str:
     raise records.DataError(f'--manual_dir={args.manual_dir} is not a '
                             'directory')
   if args.name == 'human36m':
-    from data_prep import human36m  # pylint: disable=g-import-not-at-top
     return human36m.build(args.manual_dir, frame_source=args.frame_source,
                           labels=args.labels, **common)
-  from data_prep import mpi_inf_3dhp  # pylint: disable=g-import-not-at-top
   return mpi_inf_3dhp.build(args.manual_dir, **common)
 
 
@@ -135,9 +137,6 @@ def build_if_missing(config, log=print) -> None:
   existing build in `config.data.data_dir` is used as it is. With several
   processes, process 0 builds and the others wait for it.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   if not (config.data.get('build_if_missing', False) and config.data.name == synthetic.NAME):
     return
   final_dir = os.path.join(config.data.data_dir, synthetic.NAME, records.VERSION)

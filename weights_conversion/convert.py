@@ -42,6 +42,7 @@ import numpy as np
 
 from contextpose_jax import cli
 from contextpose_jax.models import BACKBONES
+from contextpose_jax.models import capf
 from contextpose_jax.models.torch_import import ConversionError
 
 KINDS = ("capf", *BACKBONES)
@@ -171,8 +172,6 @@ def extract_state_dict(obj, kind: str, dataset: str, path: str) -> dict[str, Any
 def convert(kind: str, input_path: str, output_dir: str, *, backbone: str | None = None,
             dataset: str = "h36m") -> None:
   """Reads ``input_path`` and writes the Flax variables to ``output_dir``."""
-  # Imported here so that `--help` and argument errors are instant.
-  from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
 
   if kind not in KINDS:
     raise InputError(f"--kind must be one of {KINDS}, got {kind!r}")
