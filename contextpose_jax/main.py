@@ -59,14 +59,21 @@ def _init_distributed():
 
 class _QuietLibraries(logging_std.Filter):
   """Drops INFO chatter of orbax / TFDS so progress and metrics stay readable,
-  and JAX's INFO line about the TPU backend it probes and does not find."""
+  JAX's INFO line about the TPU backend it probes and does not find, and the
+  warnings orbax prints whenever a checkpoint is opened read-only (as every
+  evaluation of a saved model does): none of them says anything is wrong."""
   NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorflow_datasets' + os.sep)
+  ORBAX_READ_ONLY = ('CheckpointManagerOptions.read_only=True',
+                     'Given directory is read only')
 
   def filter(self, record):
+    msg = str(record.msg)
+    orbax = os.sep + 'orbax' + os.sep in record.pathname
+    if orbax and msg.startswith(self.ORBAX_READ_ONLY):
+      return False
     if record.levelno >= logging_std.WARNING:
       return True
-    if record.name.startswith('jax') and str(record.msg).startswith(
-        'Unable to initialize backend'):
+    if record.name.startswith('jax') and msg.startswith('Unable to initialize backend'):
       return False
     return not any(n in record.pathname for n in self.NOISY)
 

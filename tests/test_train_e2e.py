@@ -45,6 +45,7 @@ def _run(env, workdir, *extra):
   proc = subprocess.run(_cmd(env, workdir, *extra), env=env['environ'], cwd=REPO,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  env['runs'].setdefault('stderr', {})[str(workdir)] = proc.stderr
   return proc
 
 
@@ -132,6 +133,10 @@ def test_healthy_run_prints_no_warnings(env):
   assert EXPECTED_WARNING in proc.stderr
   assert _warnings(proc.stderr) == []
   assert 'Traceback' not in proc.stderr
+  # Eval-only of the saved model (run by the test above, when it ran).
+  eval_only = env['runs'].get('stderr', {}).get(str(env['root'] / 'eval_only'))
+  if eval_only is not None:
+    assert _warnings(eval_only) == [] and EXPECTED_WARNING not in eval_only
 
 
 def test_killed_run_resumes_to_identical_parameters(env):
