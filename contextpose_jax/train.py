@@ -138,6 +138,7 @@ class PreemptionGuard:
     self._ckpts = ckpts
     self._distributed = jax.distributed.is_initialized()
     self.signum = None
+    self.synced = False  # stopped at the step all hosts agreed on
     self._previous = {}
 
   def __enter__(self) -> 'PreemptionGuard':
@@ -162,6 +163,7 @@ class PreemptionGuard:
       return True
     if self._distributed and self._ckpts.reached_preemption(step):
       self.signum = signal.SIGTERM  # what the preemption service listens to
+      self.synced = True
       return True
     return False
 
@@ -219,9 +221,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train_and_evaluate(config, workdir)
 
 
-def _save_and_stop(ckpts, writer, state, step: int, signum: int):
+def _save_and_stop(ckpts, writer, state, step: int, guard: PreemptionGuard):
   """Commits the train state of `step`, then raises `Preempted`."""
-  logging.info('%s received: saving step %d', signal.Signals(signum).name, step)
+  signum = guard.signum
+  if guard.synced:
+    logging.info('Preemption notice: every host saves step %d', step)
+  else:
+    logging.info('%s received: saving step %d', signal.Signals(signum).name, step)
   ckpts.save_latest(state, {'step': step, 'nan_count': int(state.nan_count)})
   ckpts.wait()
   ckpts.close()
@@ -302,7 +308,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps:
         ckpts.save_latest(state, {'step': done, 'nan_count': int(state.nan_count)})
       if guard.requested(done):  # every step: the multi-host sync point needs it
-        _save_and_stop(ckpts, writer, state, done, guard.signum)
+        _save_and_stop(ckpts, writer, state, done, guard)
   ckpts.wait()
   writer.flush()
 

@@ -284,3 +284,33 @@ def test_second_run_refused_stale_lock_recovered_sigint_saves(env, tmp_path):
   assert (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
   assert 'Traceback' not in third.stderr()
   assert not (workdir / '.lock').exists()  # released on the way out
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(env, tmp_path):
+  # Two processes (jax.distributed, CPU): SIGTERM to process 1 only; JAX's
+  # preemption service makes both save the same step and stop.
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'run'
+  short = ('--config.num_epochs=1', '--config.steps_per_epoch=40',
+           '--config.log_every_steps=1', f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2')
+  runs = [_Run(env, workdir, *short, f'--process_id={i}') for i in (0, 1)]
+  try:
+    runs[0].wait_for(r'step 3/40:')
+    runs[1].proc.send_signal(signal.SIGTERM)
+    codes = [r.finish(timeout=300) for r in runs]
+  finally:
+    for r in runs:
+      r.kill()
+  assert codes == [128 + signal.SIGTERM] * 2, [r.stderr()[-2000:] for r in runs]
+  lasts = [r.stderr().strip().splitlines()[-1] for r in runs]
+  assert lasts[0] == lasts[1], lasts
+  m = re.fullmatch(r'preempted \(SIGTERM\) at step (\d+): checkpoint saved to (\S+); '
+                   r'rerun the same command to resume', lasts[0])
+  assert m, lasts
+  step = int(m.group(1))
+  assert 3 < step < 40
+  assert (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
+  assert not (workdir / '.lock').exists()
