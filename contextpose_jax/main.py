@@ -88,10 +88,6 @@ def _tensorboard_without_tensorflow():
       'tensorboard.compat.notf'))
 
 
-class UserError(Exception):
-  """A mistake on the command line: printed as one line, exit status 1."""
-
-
 def _fail(message: str, status: int = 1):
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(status)
@@ -151,8 +147,10 @@ def main(argv):
   from contextpose_jax import train  # pylint: disable=g-import-not-at-top
   from contextpose_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from data_prep import build  # pylint: disable=g-import-not-at-top
+  # Mistakes and conditions of the input (each one line); any other
+  # exception is a bug and keeps its traceback.
   expected = (config_validation.ConfigError, pipeline.DatasetError,
-              locking.LockHeldError, FileNotFoundError, ValueError)
+              locking.LockHeldError, FileNotFoundError, PermissionError, ValueError)
   try:
     logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                  jax.process_count(), jax.local_devices())
@@ -168,8 +166,8 @@ def main(argv):
   except expected as e:
     # The traceback stays available with --verbosity=1.
     logging.debug('traceback of the error below', exc_info=True)
-    _fail(_first_line(str(e)) if not isinstance(e, FileNotFoundError) or not e.filename
-          else f'{e.filename}: {e.strerror}')
+    _fail(f'{e.filename}: {e.strerror}' if isinstance(e, OSError) and e.filename
+          else _first_line(str(e)))
   except KeyboardInterrupt:  # outside the training loop: nothing unsaved
     _fail('interrupted; the checkpoints in --workdir are kept: rerun the same '
           'command to resume', status=130)
