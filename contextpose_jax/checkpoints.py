@@ -76,6 +76,12 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
 
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the one step all hosts agreed to save after a
+    preemption notice (JAX's preemption service; False without
+    `jax.distributed`)."""
+    return self.latest.reached_preemption(step)
+
   def wait(self):
     self.latest.wait_until_finished()
     self.best.wait_until_finished()

@@ -7,12 +7,17 @@ r"""Trains and evaluates Context-Aware PoseFormer (CA-PF).
       --config.eval_only=True --config.init_from=CONVERTED_OR_WORKDIR
 
 A run restarted with the same --workdir resumes from its latest checkpoint.
+SIGTERM / SIGINT (a preemptible VM, a scheduler, Ctrl-C) stop it after the
+current step with a saved checkpoint (exit status 128 + signal number).
+Mistakes in the flags or the config, a missing dataset or a workdir in use
+by another run are one line `error: ...` on stderr and exit status 1.
 Multi-host: pass --jax_distributed (cluster auto-detection: TPU, SLURM, ...)
 or --coordinator_address/--num_processes/--process_id explicitly.
 """
 import logging as logging_std
 import os
 import sys
+import types
 
 from absl import app
 from absl import flags
@@ -53,28 +58,119 @@ def _init_distributed():
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax / TFDS so progress and metrics stay readable."""
+  """Drops INFO chatter of orbax / TFDS so progress and metrics stay readable,
+  JAX's INFO line about the TPU backend it probes and does not find, and the
+  warnings orbax prints whenever a checkpoint is opened read-only (as every
+  evaluation of a saved model does): none of them says anything is wrong."""
   NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorflow_datasets' + os.sep)
+  ORBAX_READ_ONLY = ('CheckpointManagerOptions.read_only=True',
+                     'Given directory is read only')
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        n in record.pathname for n in self.NOISY)
+    msg = str(record.msg)
+    orbax = os.sep + 'orbax' + os.sep in record.pathname
+    if orbax and msg.startswith(self.ORBAX_READ_ONLY):
+      return False
+    if record.levelno >= logging_std.WARNING:
+      return True
+    if record.name.startswith('jax') and msg.startswith('Unable to initialize backend'):
+      return False
+    return not any(n in record.pathname for n in self.NOISY)
+
+
+def _tensorboard_without_tensorflow():
+  """TensorBoard's event writer imports all of TensorFlow when it is
+  installed (7 s, and its C++ logging prints "WARNING: All log messages
+  before absl::InitializeLog() is called..." twice); its stub API writes the
+  same event files. The workdir is a local path (os.makedirs), which the stub
+  handles. `tensorboard.compat.notf` is TensorBoard's own switch for this."""
+  sys.modules.setdefault('tensorboard.compat.notf', types.ModuleType(
+      'tensorboard.compat.notf'))
+
+
+def _fail(message: str, status: int = 1):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _first_line(text: str) -> str:
+  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+  return lines[0] if lines else ''
+
+
+def _override_error(argv, error: Exception) -> str:
+  """The `--config.PATH` override that names a field the config lacks."""
+  # ml_collections wraps KeyError("'name'\nDid you mean ...") in AttributeError.
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  lines = [l.strip() for l in str(error.args[0] if error.args else error).splitlines()]
+  missing = lines[0].strip('"\'') if lines else '?'
+  hint = f' ({lines[1]})' if len(lines) > 1 and lines[1] else ''
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      fields = arg[len('--config.'):].split('=', 1)[0].split('.')
+      if missing in fields:
+        parent = '.'.join(['config'] + fields[:fields.index(missing)])
+        return f'{arg}: {parent} has no field {missing!r}{hint}'
+  return f'the config has no field {missing!r}{hint}'
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with each mistake as one line (`error: ...`)."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.keys  # pylint: disable=pointless-statement  # raises if it failed to load
+  except flags.Error as e:
+    text = str(e)
+    # A config file that raised: its traceback is the useful part.
+    _fail(text if 'Error whilst parsing config file' in text else _first_line(text))
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for `--config.typo=...` (a field the
+    # config does not have).
+    _fail(_override_error(argv, e))
+  except OSError as e:  # the config file itself (missing, unreadable)
+    arg = ([a for a in argv[1:] if a.startswith('--config=')] or ['--config'])[-1]
+    lines = [l.strip() for l in str(e.__cause__ or e).splitlines() if l.strip()]
+    _fail(f'{arg}: cannot load the config file ({lines[-1] if lines else e})')
+  return rest
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _tensorboard_without_tensorflow()
   _init_distributed()
   # Imported after the distributed init (it must precede any JAX computation).
+  from contextpose_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import locking  # pylint: disable=g-import-not-at-top
   from contextpose_jax import train  # pylint: disable=g-import-not-at-top
   from contextpose_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from data_prep import build  # pylint: disable=g-import-not-at-top
-  logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
-  pipeline.resolve_data_dir(FLAGS.config)
-  build.build_if_missing(FLAGS.config, log=logging.info)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  # Mistakes and conditions of the input (each one line); any other
+  # exception is a bug and keeps its traceback.
+  expected = (config_validation.ConfigError, pipeline.DatasetError,
+              locking.LockHeldError, FileNotFoundError, PermissionError, ValueError)
+  try:
+    logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
+                 jax.process_count(), jax.local_devices())
+    pipeline.resolve_data_dir(FLAGS.config)
+    # The config alone, before the synthetic set is built; train_and_evaluate
+    # then checks the data, before it compiles anything.
+    config_validation.check_fields(FLAGS.config, jax.device_count(), FLAGS.workdir)
+    build.build_if_missing(FLAGS.config, log=logging.info)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.Preempted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
+  except expected as e:
+    # The traceback stays available with --verbosity=1.
+    logging.debug('traceback of the error below', exc_info=True)
+    _fail(f'{e.filename}: {e.strerror}' if isinstance(e, OSError) and e.filename
+          else _first_line(str(e)))
+  except KeyboardInterrupt:  # outside the training loop: nothing unsaved
+    _fail('interrupted; the checkpoints in --workdir are kept: rerun the same '
+          'command to resume', status=130)
 
 
 def resolve_config_arg(argv):
@@ -94,7 +190,7 @@ def resolve_config_arg(argv):
 def run():
   """Console-script entry point (`capf-train`) and `python main.py`."""
   sys.modules['__main__'].__doc__ = __doc__  # what absl prints for --help
-  app.run(main, argv=resolve_config_arg(sys.argv))
+  app.run(main, argv=resolve_config_arg(sys.argv), flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -6,10 +6,18 @@ evaluation and `eval.json` (`evaluate`), the input pipeline (`data.pipeline`)
 and the metric writers (`metric_writers`). This module wires them: resume,
 train with periodic evaluation, keep the best checkpoint by validation MPJPE,
 evaluate the best at the end.
+
+Faults: the configuration is checked before any work (`config_validation`);
+the workdir is locked against a second run (`locking.DirLock`, process 0);
+SIGTERM / SIGINT stop the run after the current step with a committed
+checkpoint (`PreemptionGuard`, `Preempted`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 
 from absl import logging
@@ -19,8 +27,10 @@ import ml_collections
 import numpy as np
 
 from contextpose_jax import checkpoints
+from contextpose_jax import config_validation
 from contextpose_jax import evaluate
 from contextpose_jax import fileio
+from contextpose_jax import locking
 from contextpose_jax import metric_writers
 from contextpose_jax import parallel
 from contextpose_jax import steps
@@ -99,19 +109,137 @@ def _num_evaluations(config, start_step: int, spe: int, num_steps: int) -> int:
   return sum(1 for e in epochs if e % config.eval_every_epochs == 0 or e * spe == num_steps)
 
 
+class Preempted(Exception):
+  """The run stopped on a signal after saving its train state."""
+
+  def __init__(self, step: int, directory: str, signum: int):
+    self.step, self.directory, self.signum = step, directory, signum
+    super().__init__(
+        f'preempted ({signal.Signals(signum).name}) at step {step}: checkpoint '
+        f'saved to {directory}; rerun the same command to resume')
+
+
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into "stop after this step" (`requested(step)`).
+
+  One process: a handler records the signal; the loop polls it after every
+  step. The handler is removed after the first signal, so a second one acts
+  at once (Ctrl-C twice aborts without saving).
+
+  Several hosts (or any run after `jax.distributed.initialize`): JAX's
+  preemption service owns SIGTERM. A notice on any host is propagated to all,
+  which agree on one step (`multihost_utils.reached_preemption_sync_point`,
+  through orbax's `CheckpointManager.reached_preemption`); every host must
+  poll every step, and all then save that same step. SIGINT is left alone
+  there: one host stopping on its own would hang the others' collectives.
+  """
+
+  def __init__(self, ckpts: checkpoints.Checkpoints):
+    self._ckpts = ckpts
+    self._distributed = jax.distributed.is_initialized()
+    self.signum = None
+    self.synced = False  # stopped at the step all hosts agreed on
+    self._previous = {}
+
+  def __enter__(self) -> 'PreemptionGuard':
+    if threading.current_thread() is not threading.main_thread():
+      return self  # Python signal handlers can only be set from the main thread
+    wanted = []
+    if not self._distributed:
+      wanted.append(signal.SIGTERM)
+    if jax.process_count() == 1:
+      wanted.append(signal.SIGINT)
+    for signum in wanted:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.signum = signum
+    # No logging here (it may hold a lock the interrupted code holds).
+    signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+
+  def requested(self, step: int) -> bool:
+    if self.signum is not None:
+      return True
+    if self._distributed and self._ckpts.reached_preemption(step):
+      self.signum = signal.SIGTERM  # what the preemption service listens to
+      self.synced = True
+      return True
+    return False
+
+  def __exit__(self, *exc):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, purpose: str):
+  """Process 0 locks WORKDIR for the run; every process learns whether it did.
+
+  A second run in the same workdir fails with one line naming the holder
+  before it writes anything; the lock of a dead run is taken over.
+  """
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = locking.DirLock(workdir, purpose=purpose)
+    try:
+      lock.acquire()
+    except locking.LockHeldError as e:
+      lock, error = None, e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    held = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not held and error is None:
+      error = locking.LockHeldError(f'{workdir} is locked by another run (process 0 '
+                                    'could not take its lock)')
+  if error is not None:
+    raise error
+  if lock is not None and lock.recovered:
+    logging.info('Took over the workdir lock of %s, which no longer runs',
+                 locking.describe_holder(lock.recovered))
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from WORKDIR if it holds a checkpoint), then evaluates
-  the best checkpoint and writes WORKDIR/eval.json. Returns that result."""
+  the best checkpoint and writes WORKDIR/eval.json. Returns that result.
+
+  Raises `config_validation.ConfigError` / `pipeline.DatasetError` /
+  `locking.LockHeldError` before any work, and `Preempted` after saving the
+  train state when SIGTERM or SIGINT arrived.
+  """
   pipeline.resolve_data_dir(config)
-  if config.eval_only:
-    return evaluate.evaluate_only(config, workdir)
+  config_validation.validate(config, jax.device_count(), workdir)
+  with workdir_lock(workdir, 'evaluation' if config.eval_only else 'training'):
+    if config.eval_only:
+      return evaluate.evaluate_only(config, workdir)
+    return _train_and_evaluate(config, workdir)
+
+
+def _save_and_stop(ckpts, writer, state, step: int, guard: PreemptionGuard):
+  """Commits the train state of `step`, then raises `Preempted`."""
+  signum = guard.signum
+  if guard.synced:
+    logging.info('Preemption notice: every host saves step %d', step)
+  else:
+    logging.info('%s received: saving step %d', signal.Signals(signum).name, step)
+  ckpts.save_latest(state, {'step': step, 'nan_count': int(state.nan_count)})
+  ckpts.wait()
+  ckpts.close()
+  writer.close()
+  raise Preempted(step, os.path.join(ckpts.latest.directory, str(step)), signum)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   evaluate.check_dataset_matches_model(config)
   _write_config(config, workdir)
   mesh = parallel.make_mesh()
-  if config.data.batch_size % jax.device_count():
-    raise ValueError(f'config.batch_size={config.data.batch_size} is not divisible by '
-                     f'the {jax.device_count()} devices')
   model = capf.build_model(config.model)
   spe = steps_per_epoch(config)
   num_steps = spe * config.num_epochs
@@ -143,39 +271,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       _num_evaluations(config, start_step, spe, num_steps))
   best_eval = None  # (step, metrics, predictions) of a best found in this run
   train_metrics = []
-  for step in range(start_step, num_steps):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = parallel.global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
-    train_metrics.append(metrics)
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == num_steps:
-      m = jax.device_get(train_metrics)
-      rate = progress.train_interval(done)
-      writer.write_scalars(done, {
-          'train/loss_mm': 1000 * float(np.mean([x['loss'] for x in m])),
-          'train/learning_rate': float(m[-1]['learning_rate']),
-          'train/grad_norm': float(np.mean([x['grad_norm'] for x in m])),
-          'train/nan_skipped_total': int(state.nan_count),
-          'train/steps_per_sec': rate,
-          'train/examples_per_sec': rate * config.data.batch_size})
-      logging.info('step %d/%d: %.1f steps/s, ETA %s', done, num_steps, rate,
-                   _format_eta(progress.eta_seconds(done)))
-      train_metrics = []
-    epoch_end = done % spe == 0
-    epoch = done // spe
-    if epoch_end and (epoch % config.eval_every_epochs == 0 or done == num_steps):
-      t0 = time.time()
-      result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn, mesh)
-      writer.write_scalars(done, {f'eval/{k}': result[k] for k in ('mpjpe', 'p_mpjpe', 'pck')
-                                  if k in result})
-      if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch}):
-        best_eval = (done, result, preds)
-      logging.info('epoch %d: val MPJPE %.2f mm (best %.2f)', epoch, result['mpjpe'],
-                   ckpts.best_mpjpe())
-      progress.evaluated(time.time() - t0)
-    if done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps:
-      ckpts.save_latest(state, {'step': done, 'nan_count': int(state.nan_count)})
+  # From here on a signal stops the run after the current step, saved
+  # (before, there is nothing unsaved to lose: the default action is fine).
+  with PreemptionGuard(ckpts) as guard:
+    for step in range(start_step, num_steps):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = parallel.global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch)
+      train_metrics.append(metrics)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == num_steps:
+        m = jax.device_get(train_metrics)
+        rate = progress.train_interval(done)
+        writer.write_scalars(done, {
+            'train/loss_mm': 1000 * float(np.mean([x['loss'] for x in m])),
+            'train/learning_rate': float(m[-1]['learning_rate']),
+            'train/grad_norm': float(np.mean([x['grad_norm'] for x in m])),
+            'train/nan_skipped_total': int(state.nan_count),
+            'train/steps_per_sec': rate,
+            'train/examples_per_sec': rate * config.data.batch_size})
+        logging.info('step %d/%d: %.1f steps/s, ETA %s', done, num_steps, rate,
+                     _format_eta(progress.eta_seconds(done)))
+        train_metrics = []
+      epoch_end = done % spe == 0
+      epoch = done // spe
+      if epoch_end and (epoch % config.eval_every_epochs == 0 or done == num_steps):
+        t0 = time.time()
+        result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn, mesh)
+        writer.write_scalars(done, {f'eval/{k}': result[k] for k in ('mpjpe', 'p_mpjpe', 'pck')
+                                    if k in result})
+        if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch}):
+          best_eval = (done, result, preds)
+        logging.info('epoch %d: val MPJPE %.2f mm (best %.2f)', epoch, result['mpjpe'],
+                     ckpts.best_mpjpe())
+        progress.evaluated(time.time() - t0)
+      if done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps:
+        ckpts.save_latest(state, {'step': done, 'nan_count': int(state.nan_count)})
+      if guard.requested(done):  # every step: the multi-host sync point needs it
+        _save_and_stop(ckpts, writer, state, done, guard)
   ckpts.wait()
   writer.flush()
 

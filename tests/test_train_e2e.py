@@ -1,12 +1,15 @@
 """End to end on the synthetic set with `configs/tiny_test.py`, through main.py:
 training beats the mean-pose baseline, eval-only on the saved checkpoint
 reproduces eval.json, and a killed run resumed from its checkpoint ends with
-exactly the parameters of an uninterrupted run."""
+exactly the parameters of an uninterrupted run; so does a run stopped by
+SIGTERM (it saves the step it reached). A healthy run prints no warnings."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -42,6 +45,7 @@ def _run(env, workdir, *extra):
   proc = subprocess.run(_cmd(env, workdir, *extra), env=env['environ'], cwd=REPO,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  env['runs'].setdefault('stderr', {})[str(workdir)] = proc.stderr
   return proc
 
 
@@ -104,12 +108,42 @@ def test_training_beats_mean_pose_and_eval_only_reproduces(env):
     np.testing.assert_allclose(reproduced[key], result[key], rtol=1e-6)
 
 
+SHORT = ('--config.num_epochs=1',)
+
+
+def _uninterrupted(env):
+  """One epoch (64 steps, checkpoints every 32), run once per module."""
+  if 'uninterrupted' not in env['runs']:
+    workdir = env['root'] / 'uninterrupted'
+    env['runs']['uninterrupted'] = (workdir, _run(env, workdir, *SHORT))
+  return env['runs']['uninterrupted']
+
+
+# The one warning a healthy tiny_test run prints, and means.
+EXPECTED_WARNING = 'No config.backbone_init: training on a RANDOM frozen backbone.'
+
+
+def _warnings(stderr):
+  return [line for line in stderr.splitlines()
+          if re.match(r'(W\d{4} |WARNING)', line) and EXPECTED_WARNING not in line]
+
+
+def test_healthy_run_prints_no_warnings(env):
+  _, proc = _trained(env)
+  assert EXPECTED_WARNING in proc.stderr
+  assert _warnings(proc.stderr) == []
+  assert 'Traceback' not in proc.stderr
+  # Eval-only of the saved model (run by the test above, when it ran).
+  eval_only = env['runs'].get('stderr', {}).get(str(env['root'] / 'eval_only'))
+  if eval_only is not None:
+    assert _warnings(eval_only) == [] and EXPECTED_WARNING not in eval_only
+
+
 def test_killed_run_resumes_to_identical_parameters(env):
   # One epoch (64 steps, checkpoints every 32): an uninterrupted reference run,
   # and a run killed after its step-32 checkpoint, then restarted.
-  short = ('--config.num_epochs=1',)
-  workdir = env['root'] / 'uninterrupted'
-  _run(env, workdir, *short)
+  short = SHORT
+  workdir, _ = _uninterrupted(env)
   interrupted = env['root'] / 'interrupted'
   proc = subprocess.Popen(_cmd(env, interrupted, *short), env=env['environ'], cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -137,6 +171,61 @@ def test_killed_run_resumes_to_identical_parameters(env):
   a = json.loads((interrupted / 'eval.json').read_text())
   b = json.loads((workdir / 'eval.json').read_text())
   assert a['mpjpe'] == b['mpjpe']
+
+
+def test_sigterm_saves_the_step_reached_and_resumes_identically(env):
+  workdir, _ = _uninterrupted(env)
+  stopped = env['root'] / 'sigterm'
+  # Every step logged, to send the signal mid-epoch, past the step-32 checkpoint.
+  cmd = _cmd(env, stopped, *SHORT, '--config.log_every_steps=1')
+  proc = subprocess.Popen(cmd, env=env['environ'], cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  lines, reached = [], threading.Event()
+
+  def read():
+    for line in proc.stderr:
+      lines.append(line)
+      m = re.search(r'step (\d+)/64:', line)
+      if m and int(m.group(1)) >= 40:
+        reached.set()
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  try:
+    assert reached.wait(600), ''.join(lines)[-4000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  reader.join(timeout=60)
+  stderr = ''.join(lines)
+  last = stderr.strip().splitlines()[-1]
+  m = re.fullmatch(r'preempted \(SIGTERM\) at step (\d+): checkpoint saved to (\S+); '
+                   r'rerun the same command to resume', last)
+  assert m, stderr[-4000:]
+  step = int(m.group(1))
+  assert 40 <= step < 64
+  assert m.group(2) == str(stopped / 'checkpoints' / str(step))
+  assert 'Traceback' not in stderr
+  # The step reached was committed (not only the older periodic checkpoint).
+  assert _latest_state(stopped)[0] == step
+  assert (stopped / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
+  assert not (stopped / 'eval.json').exists()
+  assert not (stopped / '.lock').exists()
+
+  resumed = _run(env, stopped, *SHORT, '--config.log_every_steps=1')
+  assert f'at step {step}' in resumed.stderr
+  # An ordinary resume is as quiet as a fresh run.
+  assert _warnings(resumed.stderr) == []
+  step_a, a = _latest_state(stopped)
+  step_b, b = _latest_state(workdir)
+  assert step_a == step_b == 64
+  flat_a, flat_b = _flat(a), _flat(b)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_b:
+    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+  assert (json.loads((stopped / 'eval.json').read_text())['mpjpe']
+          == json.loads((workdir / 'eval.json').read_text())['mpjpe'])
 
 
 def _flat(tree, prefix=''):
