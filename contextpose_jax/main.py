@@ -17,7 +17,6 @@ or --coordinator_address/--num_processes/--process_id explicitly.
 import logging as logging_std
 import os
 import sys
-import types
 
 from absl import app
 from absl import flags
@@ -26,6 +25,8 @@ import jax
 from ml_collections import config_flags
 
 import configs
+from contextpose_jax import cli
+from contextpose_jax import compile_cache
 
 # The configuration files shipped in the `configs` package (they import each
 # other as `configs.*`, so the package must be importable: from a checkout or
@@ -43,6 +44,9 @@ flags.DEFINE_bool('jax_distributed', False,
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
+flags.DEFINE_string('compilation_cache', 'default',
+                    "JAX's persistent compilation cache directory; 'default': "
+                    '$CONTEXTPOSE_JAX_CACHE or ~/.cache/contextpose_jax/xla; off: off')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -78,16 +82,6 @@ class _QuietLibraries(logging_std.Filter):
     return not any(n in record.pathname for n in self.NOISY)
 
 
-def _tensorboard_without_tensorflow():
-  """TensorBoard's event writer imports all of TensorFlow when it is
-  installed (7 s, and its C++ logging prints "WARNING: All log messages
-  before absl::InitializeLog() is called..." twice); its stub API writes the
-  same event files. The workdir is a local path (os.makedirs), which the stub
-  handles. `tensorboard.compat.notf` is TensorBoard's own switch for this."""
-  sys.modules.setdefault('tensorboard.compat.notf', types.ModuleType(
-      'tensorboard.compat.notf'))
-
-
 def _fail(message: str, status: int = 1):
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(status)
@@ -117,6 +111,12 @@ def _override_error(argv, error: Exception) -> str:
 
 def parse_flags(argv):
   """absl's flag parsing, with each mistake as one line (`error: ...`)."""
+  if any(a in cli.HELP for a in argv[1:]):
+    # absl lists the flags of the `__main__` module, which a console script
+    # is not: show this module's (and exit 0).
+    print(f'{__doc__.strip()}\n\nflags:\n'
+          + FLAGS.module_help(__name__).strip().split('\n', 1)[1])
+    sys.exit(0)
   try:
     rest = FLAGS(argv)
     FLAGS.config.keys  # pylint: disable=pointless-statement  # raises if it failed to load
@@ -139,8 +139,8 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _tensorboard_without_tensorflow()
   _init_distributed()
+  compile_cache.enable(FLAGS.compilation_cache)
   # Imported after the distributed init (it must precede any JAX computation).
   from contextpose_jax import config_validation  # pylint: disable=g-import-not-at-top
   from contextpose_jax import locking  # pylint: disable=g-import-not-at-top

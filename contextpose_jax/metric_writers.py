@@ -9,14 +9,25 @@ event files are written with TensorBoard's TF-free `EventFileWriter`.
 from __future__ import annotations
 
 import os
+import sys
 import time
+import types
 from typing import Any, Mapping, Sequence
 
 from absl import logging
+
+# TensorBoard's event writer imports all of TensorFlow when it is installed
+# (seconds, and TF's C++ logging prints "WARNING: All log messages before
+# absl::InitializeLog()..."); `tensorboard.compat.notf` is TensorBoard's own
+# switch to its TF-free stub, which writes the same event files.
+sys.modules.setdefault('tensorboard.compat.notf', types.ModuleType('tensorboard.compat.notf'))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 class TensorBoardWriter:

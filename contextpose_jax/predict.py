@@ -39,7 +39,6 @@ import os
 import sys
 import tempfile
 import time
-import types
 from typing import Iterator, Sequence
 
 from absl import flags
@@ -47,6 +46,8 @@ import cv2
 import numpy as np
 
 from contextpose_jax import checkpoints
+from contextpose_jax import cli
+from contextpose_jax import compile_cache
 from contextpose_jax import fileio
 from contextpose_jax import geometry
 from contextpose_jax import image_io
@@ -635,6 +636,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("batch_size", 8, "frames per model call", **d)
   flags.DEFINE_boolean("fold_batch_norm", True, "fold the backbone's BatchNorms into its "
                        "convs at load time (same numbers up to rounding; faster)", **d)
+  flags.DEFINE_string("compilation_cache", "default", "JAX's persistent compilation cache "
+                      "directory; 'default': $CONTEXTPOSE_JAX_CACHE or "
+                      "~/.cache/contextpose_jax/xla; off: off", **d)
 
 
 _define_flags(_FLAGS)
@@ -653,18 +657,13 @@ def parse_flags(argv: Sequence[str]):
   # argparse spelled negated booleans --no-NAME; absl spells them --noNAME.
   argv = [("--no" + a[5:]) if a.startswith("--no-") and a[5:].split("=")[0] in _BOOLEAN_FLAGS
           else a for a in argv]
-  _FLAGS.unparse_flags()
-  try:
-    rest = _FLAGS(["predict"] + list(argv))
-  except flags.Error as e:
-    raise InputError(str(e).splitlines()[0]) from e
-  if len(rest) > 1:
-    raise InputError(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+  rest = cli.parse(_FLAGS, argv, USAGE)
+  if rest:
+    raise InputError(f"unexpected arguments {rest} (flags are --name=value)")
   for name in _REQUIRED:
     if _FLAGS[name].value is None:
       raise InputError(f"--{name} is required (see --help)")
-  own = _FLAGS.find_module_defining_flag("checkpoint")
-  return types.SimpleNamespace(**{f.name: f.value for f in _FLAGS.flags_by_module_dict()[own]})
+  return cli.values(_FLAGS)
 
 
 # ----------------------------------------------------------------------------
@@ -835,13 +834,12 @@ def run(args, detector=None) -> str:
 def main(argv: Sequence[str] | None = None, *, detector=None) -> int:
   """The CLI: ``main(["--checkpoint=...", ...])`` -> exit status (0 or 1)."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
-    print(USAGE)
-    print(_FLAGS.module_help(_FLAGS.find_module_defining_flag("checkpoint")))
-    return 0
   try:
     args = parse_flags(argv)
+    compile_cache.enable(args.compilation_cache)
     out = run(args, detector=detector)
+  except cli.Exit as e:  # --help (0), or a flag error already printed as one line
+    return 0 if e.code == 0 else 1
   except (InputError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
