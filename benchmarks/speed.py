@@ -953,8 +953,10 @@ def run(args, log=print) -> tuple[list[Row], dict]:
   import torch  # pylint: disable=g-import-not-at-top
   from contextpose_jax import compile_cache  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
+  # Before anything compiles: JAX reads the cache setting at its first compilation.
+  cache_dir = compile_cache.enable(args.compilation_cache or "default")
   info = machine_info()
-  info["compilation_cache"] = compile_cache.enable(args.compilation_cache or "default")
+  info["compilation_cache"] = cache_dir
   log(json.dumps(info))
   timing = dict(warmup=args.warmup, repeats=args.repeats, log=log)
   tiny = bool(args.tiny)
