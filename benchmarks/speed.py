@@ -1,33 +1,43 @@
-r"""JAX vs the PyTorch reference modules, side by side, on this machine.
+r"""JAX vs the PyTorch reference, side by side, on this machine (issue #9).
 
     python -m benchmarks.speed                   # everything
-    python -m benchmarks.speed --quick           # 4-6 minutes on 2 cores
-    python -m benchmarks.speed --rows=model,fold --backbones=hrnet_32 \
+    python -m benchmarks.speed --tiny            # smoke test of every row (~2 min)
+    python -m benchmarks.speed --rows=model,train_step --backbones=hrnet_32 \
         --batch_sizes=1,8 --json=bench.json
 
-Rows (``--rows``), each timed after warm-up as the median of ``--repeats``
-calls, with device synchronisation (``block_until_ready``; torch runs under
-``torch.no_grad()`` with ``torch.set_num_threads(os.cpu_count())``):
-  model     full model inference (backbone + lifter) per backbone and batch
-            size: JAX fp32, JAX bf16 (backbone compute in bfloat16) and torch
-            fp32 (``torch_reference.capf.CAPF``), same weights, same inputs;
-  fold      the same with BatchNorm folded into the backbone convolutions
-            (``models.folding``), JAX fp32 / bf16;
-  train     one lifter train step, frozen backbone (features precomputed):
-            jitted value_and_grad + optax AdamW vs torch backward + AdamW;
-  sampler   the context sampler alone (the deformable blocks' sampling of the
-            4 maps): our ``grid_sample`` (custom VJP) vs
-            ``jax.scipy.ndimage.map_coordinates`` vs torch ``F.grid_sample``,
-            same points, forward and forward + backward;
-  pipeline  the training input pipeline, examples/s
-            (``benchmarks.data_throughput``; a synthetic set when no
-            ``--data_dir`` is given; no PyTorch counterpart).
-Every row with a PyTorch counterpart also reports the largest difference of
-its outputs on the same inputs (full model: from torch in float64, the exact
-answer, which torch's fp32 row is measured against too; sampler: from torch),
-so a fast row is a correct one. Results and docs: docs/benchmarks.md.
-The weights are random (official layouts, BatchNorm statistics calibrated):
-speed does not depend on their values.
+Rows (``--rows``), each timed after its first call and warm-up as the median
+(and best) of ``--repeats`` calls, with device synchronisation; the
+implementations of a row group are timed interleaved (a round calls each once):
+  model       full model inference (backbone + lifter) per backbone and batch
+              size through the production path, ``api.Predictor.predict``:
+              BatchNorm folded at load time (its default) in fp32 and with a
+              bf16 backbone (``--dtypes``), fp32 unfolded
+              (``fold_batch_norm=False``, ``--unfolded``), vs torch fp32
+              (``torch_reference.capf.CAPF`` under ``no_grad``), same weights;
+  train_step  ONE training step as ``main.py`` runs it: ``steps.make_train_step``
+              (frozen backbone, BatchNorm folded in the step) +
+              ``create_train_state`` + ``make_optimizer`` / ``learning_rate_fn``
+              of the backbone's config + ``parallel.make_mesh`` /
+              ``global_batch``, vs torch (backbone eval under no_grad, lifter
+              train mode, MPJPE, backward, AdamW), batch ``--train_step_batch``;
+  train       one lifter-only train step, features precomputed: jitted
+              value_and_grad + optax AdamW vs torch backward + AdamW;
+  sampler     the context sampler alone: our ``grid_sample`` (custom VJP) vs
+              ``jax.scipy.ndimage.map_coordinates`` vs torch ``F.grid_sample``,
+              forward and forward + backward;
+  compile     the first ``Predictor.predict`` call of the full-size model
+              (``--compile_backbone``, ``--compile_batch``) in a new process
+              with an empty persistent compilation cache (cold) and in a second
+              process reusing it (warm);
+  pipeline    the training input pipeline, examples/s
+              (``benchmarks.data_throughput``; no PyTorch counterpart).
+Rows with a PyTorch counterpart also report the largest difference of their
+outputs on the same inputs (full model: from torch in float64, which torch's
+fp32 row is measured against too; others: from the torch row; train rows with
+drop path on: none, the frameworks draw different masks). The output ends with
+issue #9's targets marked met / not met. Weights are random (official layouts,
+BatchNorm statistics calibrated): speed does not depend on their values.
+Results and the command of the reference run: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -47,9 +57,8 @@ import numpy as np
 
 from contextpose_jax import cli
 from contextpose_jax.models import BACKBONES
-from contextpose_jax.models.folding import apply_folded, find_conv_bn_pairs, fold_batch_norm
 
-ALL_ROWS = ("model", "fold", "train", "sampler", "pipeline")
+ALL_ROWS = ("model", "train_step", "train", "sampler", "compile", "pipeline")
 
 
 # ----------------------------------------------------------------------------
@@ -130,6 +139,8 @@ class Row:
   rate: float | None = None    # for rows measured as a rate (pipeline)
   max_diff: float | None = None  # max |output - torch output|
   reference: bool = False      # the torch row of its group
+  kind: str = ""               # "model", "train_step", "train", "sampler fwd", ...
+  backbone: str = ""
 
   @property
   def throughput(self) -> float:
@@ -139,6 +150,7 @@ class Row:
 
   def as_dict(self) -> dict:
     d = {"group": self.group, "impl": self.impl, "items": self.items, "unit": self.unit,
+         "kind": self.kind, "backbone": self.backbone,
          "throughput": self.throughput, "max_diff": self.max_diff,
          "reference": self.reference}
     if self.timing is not None:
@@ -173,6 +185,59 @@ def format_table(rows: Sequence[Row]) -> str:
   return "\n".join(lines)
 
 
+# Issue #9's targets: (kind, the JAX row, batch, backbones that must all be
+# measured (empty: whichever were), minimum JAX / PyTorch, description).
+TARGETS = (
+    ("model", "jax fp32", 8, BACKBONES, 1.0, "full model fp32, batch 8, every backbone"),
+    ("train_step", "jax fp32", 64, (), 1.0, "production train step, batch 64"),
+    ("train", "jax fp32", 64, (), 1.5, "lifter-only train step, batch 64"),
+    ("sampler fwd", "jax gather (ours)", 64, (), 2.0, "context sampler fwd, batch 64"),
+    ("sampler fwd+bwd", "jax gather (ours)", 64, (), 2.0,
+     "context sampler fwd+bwd, batch 64"),
+)
+
+
+def _best_ratio(row: Row, reference: Row) -> float | None:
+  if row.timing is None or reference.timing is None:
+    return None
+  return (min(reference.timing.times) / reference.items) / (min(row.timing.times) / row.items)
+
+
+def format_targets(rows: Sequence[Row]) -> str:
+  """Each #9 target marked met / NOT met from the measured median ratio (the
+  best-call ratio beside it); rows measured at another batch size are shown
+  but not judged."""
+  lines = ["| target | backbone | JAX / PyTorch (median) | (best call) | met? |",
+           "|---|---|---:|---:|---|"]
+  for kind, impl, batch, required, minimum, text in TARGETS:
+    candidates = [r for r in rows if r.kind == kind and r.impl == impl]
+    backbones = list(required) + [b for b in dict.fromkeys(r.backbone for r in candidates)
+                                  if b not in required]
+    if not backbones:
+      lines.append(f"| {text}: >= {minimum:g}x | - | - | - | not measured |")
+    for backbone in backbones:
+      mine = [r for r in candidates if r.backbone == backbone]
+      if not mine:
+        lines.append(f"| {text}: >= {minimum:g}x | {backbone} | - | - | not measured |")
+        continue
+      at_batch = [r for r in mine if r.items == batch]
+      for row in at_batch or mine:
+        reference = next(r for r in rows if r.group == row.group and r.reference)
+        ratio = row.throughput / reference.throughput
+        best = _best_ratio(row, reference)
+        verdict = (("met" if ratio >= minimum else "**NOT met**") if at_batch else
+                   f"not judged (batch {row.items}, target at {batch})")
+        lines.append(f"| {text}: >= {minimum:g}x | {backbone} | {ratio:.2f}x | "
+                     f"{best:.2f}x | {verdict} |")
+  compile_rows = [r for r in rows if r.kind == "compile"]
+  for row in compile_rows:
+    lines.append(f"| compilation: first call reported | {row.backbone} ({row.impl}) | "
+                 f"first call {row.timing.first_s:,.1f} s | - | reported |")
+  if not compile_rows:
+    lines.append("| compilation: first call reported | - | - | - | not measured |")
+  return "\n".join(lines)
+
+
 def _max_diff(a, b) -> float:
   a = [np.asarray(x, np.float64) for x in (a if isinstance(a, (list, tuple)) else [a])]
   b = [np.asarray(x, np.float64) for x in (b if isinstance(b, (list, tuple)) else [b])]
@@ -198,6 +263,9 @@ class Workload:
   exact: Callable[[], Any] | None = None
   # Filled by run_workload: each impl's compared outputs of its first call.
   outputs: dict = dataclasses.field(default_factory=dict)
+  # What the issue #9 targets look up (``TARGETS``): the kind of work and its backbone.
+  kind: str = ""
+  backbone: str = ""
 
 
 def _random_inputs(batch: int, seed: int):
@@ -232,32 +300,30 @@ def build_models(backbone: str, *, backbone_kwargs=None, embed_dim: int | None =
 
 
 def full_model_workload(backbone: str, batch: int, *, dtypes=("float32", "bfloat16"),
-                        fold: bool = False, unfolded: bool = True, models=None,
-                        seed: int = 0, **model_kwargs) -> Workload:
-  """Backbone + lifter inference on ``batch`` crops: JAX rows and the torch row."""
-  import jax  # pylint: disable=g-import-not-at-top
+                        unfolded: bool = True, models=None, seed: int = 0,
+                        **model_kwargs) -> Workload:
+  """Backbone + lifter inference on ``batch`` crops: JAX rows and the torch row.
+
+  The JAX rows are the production inference path, ``api.Predictor.predict``
+  (numpy in, numpy out): BatchNorm folded at load time (its default) for each
+  of ``dtypes``, plus fp32 with ``fold_batch_norm=False`` when ``unfolded``.
+  """
   import torch  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.api import Predictor  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
   torch_model, variables, config = models or build_models(backbone, seed=seed, **model_kwargs)
   images, kp2d, crop = _random_inputs(batch, seed + 7)
   impls = {}
-  pairs, folded = None, None
-  for dtype in dtypes:
+  variants = [(dtype, True) for dtype in dtypes]
+  if unfolded and "float32" in dtypes:
+    variants.append(("float32", False))
+  for dtype, fold in variants:
     cfg = config.copy_and_resolve_references()
     cfg.backbone_dtype = dtype
-    model = capf.build_model(cfg)
-    name = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
-    args = (jax.device_put(images), jax.device_put(kp2d), jax.device_put(crop))
-    if unfolded:
-      fn = jax.jit(model.apply)
-      impls[f"jax {name}"] = functools.partial(
-          _jax_blocking(fn), jax.device_put(variables), *args)
-    if fold:
-      if pairs is None:
-        pairs = find_conv_bn_pairs(model, variables, *capf.dummy_inputs(1))
-        folded = jax.device_put(fold_batch_norm(variables, pairs))
-      fn = jax.jit(functools.partial(apply_folded, model, pairs=pairs))
-      impls[f"jax {name} BN-folded"] = functools.partial(_jax_blocking(fn), folded, *args)
+    predictor = Predictor(capf.build_model(cfg), variables, cfg, fold_batch_norm=fold)
+    name = "jax " + {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+    impls[name if fold else name + " unfolded"] = functools.partial(
+        predictor.predict, images, kp2d, crop)
 
   device = _torch_device()
   torch_model = torch_model.to(device)
@@ -278,7 +344,8 @@ def full_model_workload(backbone: str, batch: int, *, dtypes=("float32", "bfloat
     with torch.no_grad():
       return model64(*[t.double() for t in t_args]).cpu().numpy()
   return Workload(f"full model {backbone}, batch {batch}", batch, "images/s", impls,
-                  "torch fp32", _to_numpy, exact=torch_float64)
+                  "torch fp32", _to_numpy, exact=torch_float64, kind="model",
+                  backbone=backbone)
 
 
 def _to_numpy(out):
@@ -395,7 +462,8 @@ def lifter_train_workload(backbone: str, batch: int, *, embed_dim: int = 128, de
   # With drop path on, the two draw different random masks: nothing to compare.
   return Workload(f"lifter train step {backbone}, batch {batch}", batch, "examples/s",
                   {"jax fp32": jax_call, "torch fp32": torch_call}, "torch fp32", compare,
-                  comparable=drop_path_rate == 0.0, extras={"initial_params": params})
+                  comparable=drop_path_rate == 0.0, extras={"initial_params": params},
+                  kind="train", backbone=backbone)
 
 
 def comparable_weights(params) -> list[np.ndarray]:
@@ -415,6 +483,184 @@ def comparable_weights(params) -> list[np.ndarray]:
       leaf = np.concatenate([leaf[:dim], leaf[2 * dim:]])  # q and v biases
     out.append(leaf)
   return out
+
+_TRAIN_CONFIGS = {"hrnet_32": "h36m_hrnet32", "hrnet_48": "h36m_hrnet48", "cpn": "h36m_cpn"}
+
+
+def train_config(backbone: str, model_config, batch: int):
+  """The production config for ``backbone`` (``configs/h36m_*.py``: lr, AdamW
+  settings), with the benchmark's model and batch."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{_TRAIN_CONFIGS[backbone]}").get_config()
+  config.model = model_config.copy_and_resolve_references()
+  config.batch_size = batch
+  return config
+
+
+def set_torch_drop_path(lifter, rate: float) -> None:
+  """The official per-block drop path rates, linspace(0, rate, depth), on a
+  torch ``PoseTransformer`` (the torch CA-PF always builds it with 0.2)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  for blocks in (lifter.joint_blocks, lifter.res_blocks, lifter.context_blocks or ()):
+    for block, r in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
+      block.drop_path.rate = r
+
+
+def train_step_workload(backbone: str, batch: int, *, models=None,
+                        drop_path_rate: float | None = None, seed: int = 0,
+                        **model_kwargs) -> Workload:
+  """ONE training step as ``main.py`` runs it, full model, frozen backbone.
+
+  JAX: the production step itself -- ``steps.make_train_step`` (BatchNorm
+  folded in the step), ``steps.create_train_state``, ``steps.make_optimizer``
+  and ``steps.learning_rate_fn`` of the backbone's config, ``parallel.make_mesh``
+  and ``parallel.global_batch`` (the host batch is placed in every call, as
+  the training loop does). Torch: the reference CA-PF, backbone in eval mode
+  under ``no_grad``, lifter in train mode, MPJPE loss, backward,
+  ``torch.optim.AdamW`` with the config's lr / betas / eps / weight decay.
+  ``drop_path_rate`` None: the config's (official 0.2; the two frameworks then
+  draw different masks, so the outputs are not compared). Compared outputs:
+  the loss and the updated lifter weights after each one's FIRST step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import parallel, steps  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models import capf, torch_import  # pylint: disable=g-import-not-at-top
+  from torch_reference.common import state_dict_numpy
+
+  torch_model, variables, model_config = models or build_models(backbone, seed=seed,
+                                                                **model_kwargs)
+  config = train_config(backbone, model_config, batch)
+  if drop_path_rate is not None:
+    config.model.drop_path_rate = drop_path_rate
+  images, kp2d, crop = _random_inputs(batch, seed + 7)
+  target = np.random.default_rng(seed + 11).normal(0, 0.3, (batch, 17, 3)).astype(np.float32)
+  target[:, 0] = 0  # root-relative, as the training targets
+  host_batch = {"image": images, "keypoints_2d": kp2d, "keypoints_2d_crop": crop,
+                "keypoints_3d": target}
+
+  model = capf.build_model(config.model)
+  mesh = parallel.make_mesh()
+  tx = steps.make_optimizer(config)
+  lr_fn = steps.learning_rate_fn(config, 1000)
+  # Host copies first: the step donates its state, which must not alias the
+  # variables other workloads share.
+  variables = jax.tree.map(np.array, variables)
+  state = jax.device_put(steps.create_train_state(config, model, variables, tx),
+                         parallel.replicated(mesh))
+  train_step = steps.make_train_step(model, tx, lr_fn, mesh, train_backbone=False)
+  holder = {"state": state}
+
+  def jax_call():
+    holder["state"], metrics = train_step(holder["state"],
+                                          parallel.global_batch(host_batch, mesh))
+    jax.block_until_ready((holder["state"], metrics))
+    return metrics["loss"], holder["state"].params["lifter"]
+
+  device = _torch_device()
+  torch_model = copy.deepcopy(torch_model).to(device).eval()  # our own: it trains
+  lifter = torch_model.volume_net.train()
+  set_torch_drop_path(lifter, config.model.drop_path_rate)
+  for p in torch_model.backbone.parameters():
+    p.requires_grad_(False)
+  optimizer = torch.optim.AdamW(lifter.parameters(), lr=config.learning_rate,
+                                betas=(config.b1, config.b2), eps=config.eps,
+                                weight_decay=config.weight_decay)
+  crop_scale = torch.tensor([96.0, 128.0], device=device)  # CAPF.forward's mapping
+
+  def torch_call():
+    t_images, t_kp2d, t_crop, t_target = (
+        torch.from_numpy(host_batch[k]).to(device) for k in
+        ("image", "keypoints_2d", "keypoints_2d_crop", "keypoints_3d"))
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+      feats = torch_model.backbone(t_images.permute(0, 3, 1, 2).contiguous())
+    pred = lifter(t_kp2d, t_crop / crop_scale - 1.0, list(feats))
+    loss = torch.linalg.norm(pred[:, 0] - t_target, dim=-1).mean()
+    loss.backward()
+    optimizer.step()
+    _torch_sync()
+    return loss, lifter
+
+  initial = jax.tree.map(np.asarray, variables["params"]["lifter"])
+  shapes = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), initial)}
+
+  def compare(out):
+    loss, weights = out
+    if hasattr(weights, "state_dict"):  # torch: the weights in the JAX layout
+      weights = torch_import.convert_state_dict(state_dict_numpy(weights), shapes,
+                                                source="torch lifter")["params"]
+      loss = loss.detach().cpu()
+    return [np.asarray(loss)] + comparable_weights(weights)
+
+  return Workload(f"train step (production) {backbone}, batch {batch}", batch, "examples/s",
+                  {"jax fp32": jax_call, "torch fp32": torch_call}, "torch fp32", compare,
+                  comparable=config.model.drop_path_rate == 0.0,
+                  extras={"initial_params": initial}, kind="train_step", backbone=backbone)
+
+
+# The compile rows' child process: a fresh interpreter (compiled programs are
+# cached in memory per process), the persistent cache where the parent says.
+_FIRST_CALL_CHILD = """
+import json, sys
+from contextpose_jax import compile_cache
+compile_cache.enable()
+from benchmarks import speed
+print("FIRST_CALL " + json.dumps(speed.first_call_times(**json.loads(sys.argv[1]))))
+"""
+
+
+def first_call_times(backbone: str, batch: int, seed: int = 0, **model_kwargs) -> dict:
+  """Seconds of ``Predictor.predict``'s first call (BatchNorm folding +
+  compilation or a cache load + one run) and of its second call."""
+  from contextpose_jax.api import Predictor  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top
+  _, variables, config = build_models(backbone, seed=seed, **model_kwargs)
+  images, kp2d, crop = _random_inputs(batch, seed + 7)
+  predictor = Predictor(capf.build_model(config), variables, config)
+  times = []
+  for _ in range(2):
+    start = time.perf_counter()
+    predictor.predict(images, kp2d, crop)
+    times.append(time.perf_counter() - start)
+  return {"first_s": times[0], "second_s": times[1]}
+
+
+def first_call_rows(backbone: str, batch: int, *, cache_dir: str | None = None,
+                    timeout: float = 1800, log=None, **model_kwargs) -> list[Row]:
+  """Cold and warm first call of the production predictor, each in a new process.
+
+  Cold: an empty persistent-cache directory (``cache_dir``, default a new
+  temporary one); warm: a second process reusing it. Each row's "first call"
+  is that process's first ``predict``; its median / best call is the second.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = json.dumps({"backbone": backbone, "batch": batch, **model_kwargs})
+  with tempfile.TemporaryDirectory(prefix="capf_compile_cache_") as tmp:
+    directory = cache_dir or tmp
+    if os.path.isdir(directory) and os.listdir(directory):
+      raise ValueError(f"the cold row needs an empty cache directory: {directory}")
+    env = dict(os.environ, CONTEXTPOSE_JAX_CACHE=directory)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    rows = []
+    for impl in ("jax fp32, cold cache", "jax fp32, warm cache (2nd process)"):
+      proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_CHILD, spec], cwd=repo,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+      line = [l for l in proc.stdout.splitlines() if l.startswith("FIRST_CALL ")]
+      if proc.returncode or not line:
+        raise RuntimeError(f"first-call child failed ({proc.returncode}): "
+                           f"{proc.stderr[-2000:]}")
+      t = json.loads(line[-1].split(" ", 1)[1])
+      timing = Timing(first_s=t["first_s"], median_s=t["second_s"], times=[t["second_s"]])
+      rows.append(Row(f"first call (compilation) {backbone} predict, batch {batch}", impl,
+                      batch, timing=timing, kind="compile", backbone=backbone))
+      if log:
+        log(f"  {rows[-1].group} | {impl}: first call {t['first_s']:.1f} s, second "
+            f"{t['second_s'] * 1e3:.1f} ms; cache files: {len(os.listdir(directory))}")
+  return rows
+
 
 def _map_coordinates_sample(feature_map, coords, padding_mode: str):
   """Bilinear align_corners=True sampling through ``map_coordinates``."""
@@ -495,7 +741,8 @@ def sampler_workload(backbone: str, batch: int, *, backward: bool = False,
   what = "fwd+bwd" if backward else "fwd"
   return Workload(f"context sampler {what}, {backbone} maps, batch {batch} "
                   f"(17x{points_per_joint} pts)", batch, "examples/s", impls,
-                  "torch grid_sample", _to_numpy)
+                  "torch grid_sample", _to_numpy,
+                  kind="sampler fwd+bwd" if backward else "sampler fwd", backbone=backbone)
 
 
 def run_workload(work: Workload, *, warmup: int, repeats: int, log=None) -> list[Row]:
@@ -517,7 +764,8 @@ def run_workload(work: Workload, *, warmup: int, repeats: int, log=None) -> list
   timings = measure_interleaved({n: recording(n, f) for n, f in work.impls.items()},
                                 warmup=warmup, repeats=repeats)
   rows = [Row(work.group, name, work.items, work.unit, timing,
-              reference=name == work.reference) for name, timing in timings.items()]
+              reference=name == work.reference, kind=work.kind, backbone=work.backbone)
+          for name, timing in timings.items()]
   if work.comparable:
     if work.exact is not None:
       exact = work.exact()
@@ -540,6 +788,20 @@ def run_workload(work: Workload, *, warmup: int, repeats: int, log=None) -> list
 # ----------------------------------------------------------------------------
 
 
+def _uptime() -> str:
+  """``uptime``'s line (the load averages), or the load averages alone."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  try:
+    return subprocess.run(["uptime"], capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def machine_info() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -551,15 +813,38 @@ def machine_info() -> dict:
     pass
   device = jax.devices()[0]
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "date": _now(),
       "cpu": cpu, "cpu_count": os.cpu_count(),
       "jax": f"{jax.__version__} ({device.platform}: {device.device_kind})",
       "torch": f"{torch.__version__} ({_torch_device()}, {torch.get_num_threads()} threads)",
       "python": platform.python_version(),
       "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", "unset"),
-      "load_average": os.getloadavg()[0],
+      "uptime_start": _uptime(),
   }
+
+
+def format_header(command: str, info: dict) -> str:
+  """The table's header: command, machine, date and ``uptime`` at start and end."""
+  keys = ("cpu", "cpu_count", "jax", "torch", "python", "OMP_WAIT_POLICY", "XLA_FLAGS",
+          "compilation_cache")
+  return "\n".join([
+      "```bash", command, "```", "",
+      "Machine: " + "; ".join(f"{k}: {info[k]}" for k in keys if k in info) + ".",
+      f"Date: {info['date']} to {info.get('date_end', '?')}.",
+      f"Load at start: `{info['uptime_start']}`",
+      f"Load at end: `{info.get('uptime_end', '?')}`"])
+
+
+# Small backbones and lifter for a smoke run of every row (--tiny).
+TINY_BACKBONES = {
+    "hrnet_32": dict(width=8, stage_modules=[1, 1, 1], num_blocks=1, stem_channels=8,
+                     layer1_blocks=1),
+    "hrnet_48": dict(width=8, stage_modules=[1, 1, 1], num_blocks=1, stem_channels=8,
+                     layer1_blocks=1),
+    "cpn": dict(resnet_layers=[1, 1, 1, 1], width=8, lateral_channels=16),
+}
+TINY_LIFTER = dict(embed_dim=32, depth=1)
 
 
 _FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
@@ -568,9 +853,23 @@ flags.DEFINE_string("rows", ",".join(ALL_ROWS), f"comma list of {', '.join(ALL_R
 flags.DEFINE_string("backbones", ",".join(BACKBONES), "comma list of backbones",
                     flag_values=_FLAGS)
 flags.DEFINE_string("batch_sizes", "1,8", "full-model batch sizes", flag_values=_FLAGS)
-flags.DEFINE_string("dtypes", "float32,bfloat16", "JAX backbone dtypes", flag_values=_FLAGS)
-flags.DEFINE_integer("train_batch", 64, "lifter train step batch", flag_values=_FLAGS)
+flags.DEFINE_string("dtypes", "float32,bfloat16",
+                    "JAX backbone dtypes of the BN-folded Predictor rows", flag_values=_FLAGS)
+flags.DEFINE_bool("unfolded", True, "also a Predictor(fold_batch_norm=False) fp32 row",
+                  flag_values=_FLAGS)
+flags.DEFINE_integer("train_step_batch", 64, "production train step batch",
+                     flag_values=_FLAGS)
+flags.DEFINE_string("train_step_backbones", "",
+                    "backbones of the train_step rows (default: --backbones)",
+                    flag_values=_FLAGS)
+flags.DEFINE_integer("train_step_repeats", 0,
+                     "timed calls of the train_step rows (0: --repeats)", flag_values=_FLAGS)
+flags.DEFINE_integer("train_batch", 64, "lifter-only train step batch", flag_values=_FLAGS)
 flags.DEFINE_integer("sampler_batch", 64, "context sampler batch", flag_values=_FLAGS)
+flags.DEFINE_string("compile_backbone", "hrnet_32", "backbone of the compile rows",
+                    flag_values=_FLAGS)
+flags.DEFINE_integer("compile_batch", 1, "Predictor batch of the compile rows",
+                     flag_values=_FLAGS)
 flags.DEFINE_integer("pipeline_batch", 256, "input pipeline batch", flag_values=_FLAGS)
 flags.DEFINE_integer("pipeline_batches", 20, "input pipeline batches timed",
                      flag_values=_FLAGS)
@@ -583,11 +882,17 @@ flags.DEFINE_integer("warmup", 2, "untimed calls after the first", flag_values=_
 flags.DEFINE_integer("repeats", 5, "timed calls (median)", flag_values=_FLAGS)
 flags.DEFINE_bool("quick", False,
                   "hrnet_32 only, full-model batch 2, train / sampler batch 16, "
-                  "3 repeats, 1 warm-up, a short pipeline run (4-6 minutes on 2 cores)",
+                  "train step batch 4, 3 repeats, 1 warm-up, a short pipeline run",
+                  flag_values=_FLAGS)
+flags.DEFINE_bool("tiny", False,
+                  "smoke test of the machinery, NOT a measurement: tiny backbones "
+                  "(width 8) and lifter (C = 32, depth 1), batch 2-4, 1 repeat, "
+                  "no warm-up; rows default to model,train_step,train,sampler,compile",
                   flag_values=_FLAGS)
 flags.DEFINE_string("compilation_cache", None,
-                    "a persistent JAX compilation cache directory (reruns skip "
-                    "compilation where the cache hits)", flag_values=_FLAGS)
+                    "persistent JAX compilation cache directory of this process "
+                    "(default: contextpose_jax.compile_cache's; 'off': none). The "
+                    "compile rows use their own fresh directory", flag_values=_FLAGS)
 flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ("PASSIVE", "ACTIVE", "unset"),
                   "OMP_WAIT_POLICY for torch (set before torch starts). PASSIVE by "
                   "default: torch's OpenMP threads spin-waiting at every op's barrier "
@@ -603,18 +908,37 @@ def parse_args(argv):
   if positional:
     raise cli.error(f"unexpected arguments {positional}")
   args = cli.values(_FLAGS)
+  if args.quick and args.tiny:
+    raise cli.error("--quick and --tiny: choose one")
   if args.quick:
     args.backbones, args.batch_sizes = "hrnet_32", "2"
     args.train_batch = args.sampler_batch = 16
+    args.train_step_batch = 4
     args.repeats, args.warmup = 3, 1
     args.pipeline_batch, args.pipeline_batches = 64, 10
+  args.model_kwargs = {}
+  if args.tiny:
+    if _FLAGS["rows"].using_default_value:
+      args.rows = "model,train_step,train,sampler,compile"
+    args.batch_sizes = "2"
+    args.train_batch = args.sampler_batch = args.train_step_batch = 4
+    args.repeats, args.warmup = 1, 0
+    args.model_kwargs = dict(TINY_LIFTER)
+  if "fold" in args.rows.split(","):
+    raise cli.error("--rows=fold is gone: the model rows run the Predictor, BatchNorm "
+                    "folded (its default) and unfolded (--unfolded)")
   args.rows = [r for r in args.rows.split(",") if r]
   unknown = set(args.rows) - set(ALL_ROWS)
   if unknown:
     raise cli.error(f"--rows: unknown {sorted(unknown)}; choose from {ALL_ROWS}")
   args.backbones = [b for b in args.backbones.split(",") if b]
-  if set(args.backbones) - set(BACKBONES):
-    raise cli.error(f"--backbones: choose from {BACKBONES}")
+  args.train_step_backbones = ([b for b in args.train_step_backbones.split(",") if b]
+                               or list(args.backbones))
+  for name in ("backbones", "train_step_backbones"):
+    if set(getattr(args, name)) - set(BACKBONES):
+      raise cli.error(f"--{name}: choose from {BACKBONES}")
+  if args.compile_backbone not in BACKBONES:
+    raise cli.error(f"--compile_backbone: choose from {BACKBONES}")
   try:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
   except ValueError:
@@ -627,38 +951,61 @@ def parse_args(argv):
 
 def run(args, log=print) -> tuple[list[Row], dict]:
   import torch  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import compile_cache  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
-  if args.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # Before anything compiles: JAX reads the cache setting at its first compilation.
+  cache_dir = compile_cache.enable(args.compilation_cache or "default")
   info = machine_info()
+  info["compilation_cache"] = cache_dir
   log(json.dumps(info))
   timing = dict(warmup=args.warmup, repeats=args.repeats, log=log)
+  tiny = bool(args.tiny)
+
+  def kwargs(backbone):  # the model size: full, or --tiny's
+    return dict(args.model_kwargs, **({"backbone_kwargs": TINY_BACKBONES[backbone]}
+                                      if tiny else {}))
   rows: list[Row] = []
-  if "model" in args.rows or "fold" in args.rows:
-    for backbone in args.backbones:
-      models = build_models(backbone)
+  model_backbones = [b for b in args.backbones
+                     if "model" in args.rows or ("train_step" in args.rows
+                                                 and b in args.train_step_backbones)]
+  for backbone in model_backbones:
+    models = build_models(backbone, **kwargs(backbone))
+    if "model" in args.rows:
       for batch in args.batch_sizes:
         work = full_model_workload(backbone, batch, dtypes=args.dtypes, models=models,
-                                   fold="fold" in args.rows, unfolded="model" in args.rows)
+                                   unfolded=args.unfolded)
         rows += run_workload(work, **timing)
-      del models
+    if "train_step" in args.rows and backbone in args.train_step_backbones:
+      work = train_step_workload(backbone, args.train_step_batch, models=models)
+      rows += run_workload(work, **dict(timing, repeats=args.train_step_repeats
+                                        or args.repeats))
+    del models
+  for backbone in args.train_step_backbones:
+    if "train_step" in args.rows and backbone not in model_backbones:
+      work = train_step_workload(backbone, args.train_step_batch, **kwargs(backbone))
+      rows += run_workload(work, **dict(timing, repeats=args.train_step_repeats
+                                        or args.repeats))
   if "train" in args.rows:
     for backbone in args.backbones:
-      rows += run_workload(lifter_train_workload(backbone, args.train_batch), **timing)
+      rows += run_workload(lifter_train_workload(backbone, args.train_batch,
+                                                 **kwargs(backbone)), **timing)
   if "sampler" in args.rows:
     for backward in (False, True):
-      rows += run_workload(sampler_workload(args.backbones[0], args.sampler_batch,
-                                            backward=backward), **timing)
+      rows += run_workload(sampler_workload(
+          args.backbones[0], args.sampler_batch, backward=backward,
+          backbone_kwargs=TINY_BACKBONES[args.backbones[0]] if tiny else None), **timing)
+  if "compile" in args.rows:
+    rows += first_call_rows(args.compile_backbone, args.compile_batch, log=log,
+                            **kwargs(args.compile_backbone))
   if "pipeline" in args.rows:
     from benchmarks import data_throughput as throughput  # pylint: disable=g-import-not-at-top
     rate = throughput.measure(args.data_dir, name=args.dataset,
                               batch_size=args.pipeline_batch,
                               num_batches=args.pipeline_batches, log=log)
     rows.append(Row(f"input pipeline ({args.dataset}, batch {args.pipeline_batch})",
-                    "grain + OpenCV", args.pipeline_batch, "examples/s", rate=rate))
-  info["load_average_end"] = os.getloadavg()[0]
+                    "grain + OpenCV", args.pipeline_batch, "examples/s", rate=rate,
+                    kind="pipeline"))
+  info["date_end"], info["uptime_end"] = _now(), _uptime()
   return rows, info
 
 
@@ -677,9 +1024,10 @@ def main(argv=None) -> int:
   command = "python -m benchmarks.speed " + " ".join(
       argv if argv is not None else sys.argv[1:])
   rows, info = run(args, log=lambda *a: print(*a, file=sys.stderr, flush=True))
-  print(f"{command}\n")
-  print("; ".join(f"{k}: {v}" for k, v in info.items()) + "\n")
-  print(format_table(rows))
+  print(format_header(command, info) + "\n")
+  print(format_table(rows) + "\n")
+  print("Issue #9 targets (JAX row: the production path; verdict from the median):\n")
+  print(format_targets(rows))
   if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
