@@ -194,14 +194,10 @@ def load_model(path: str, *, require_config: bool = True):
   """
   kind, step_dir, item, workdir = find_model(path)
   if kind == 'converted':
-    try:
-      return capf.load_variables(path)
-    except (OSError, ValueError) as e:
-      raise ModelDirectoryError(str(e).splitlines()[0]) from e
+    return _read_converted(capf.load_variables, path)
   model_config = _workdir_model_config(workdir)
   if model_config is None and require_config:
-    raise ModelDirectoryError(f'{path}: no {os.path.join(workdir, CONFIG_FILE)} beside the '
-                              'checkpoints (it holds the model config)')
+    raise _no_workdir_config(path, workdir)
   variables = _restore_step(step_dir, item)
   logging.info('Loaded %s from %s', item, step_dir)
   return variables, model_config
@@ -211,15 +207,23 @@ def read_model_config(path: str) -> ml_collections.ConfigDict:
   """The model config of any model directory, without reading the weights."""
   kind, _, _, workdir = find_model(path)
   if kind == 'converted':
-    try:
-      return capf.load_model_config(path)
-    except (OSError, ValueError) as e:
-      raise ModelDirectoryError(str(e).splitlines()[0]) from e
+    return _read_converted(capf.load_model_config, path)
   model_config = _workdir_model_config(workdir)
   if model_config is None:
-    raise ModelDirectoryError(f'{path}: no {os.path.join(workdir, CONFIG_FILE)} beside the '
-                              'checkpoints (it holds the model config)')
+    raise _no_workdir_config(path, workdir)
   return model_config
+
+
+def _read_converted(read, path: str):
+  try:
+    return read(path)
+  except (OSError, ValueError) as e:
+    raise ModelDirectoryError(str(e).splitlines()[0]) from e
+
+
+def _no_workdir_config(path: str, workdir: str) -> ModelDirectoryError:
+  return ModelDirectoryError(f'{path}: no {os.path.join(workdir, CONFIG_FILE)} beside the '
+                             'checkpoints (it holds the model config)')
 
 
 def load_eval_variables(init_from: str):

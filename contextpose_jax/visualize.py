@@ -85,14 +85,7 @@ def plot_pose(path: str, crop_rgb, keypoints_crop, pose_3d, *, dataset: str = "h
   ax3.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], s=8, c="black", depthshade=False)
   centre = (xyz.max(0) + xyz.min(0)) / 2
   radius = max(float(np.abs(xyz - centre).max()), 0.05) * 1.1
-  for setter, c in zip((ax3.set_xlim, ax3.set_ylim, ax3.set_zlim), centre):
-    setter(c - radius, c + radius)
-  ax3.set_box_aspect((1, 1, 1))
-  ax3.view_init(elev=elev, azim=azim)
-  ax3.set_xlabel("x (m)", fontsize=8)
-  ax3.set_ylabel("z (m)", fontsize=8)
-  ax3.set_zlabel("-y (m)", fontsize=8)
-  ax3.tick_params(labelsize=6)
+  _axes_3d_frame(ax3, radius, elev, azim, centre=centre, fontsize=8)
   ax3.set_title("3D pose (root-relative)", fontsize=9)
   if title:
     fig.suptitle(title, fontsize=10)
@@ -100,15 +93,16 @@ def plot_pose(path: str, crop_rgb, keypoints_crop, pose_3d, *, dataset: str = "h
   fig.savefig(path, format="png")
 
 
-def _axes_3d_frame(ax3, radius, elev, azim):
-  for setter in (ax3.set_xlim, ax3.set_ylim, ax3.set_zlim):
-    setter(-radius, radius)
+def _axes_3d_frame(ax3, radius, elev, azim, *, centre=(0.0, 0.0, 0.0), fontsize=7):
+  """Equal-aspect 3D axes (x, z, -y) of half-width `radius` about `centre`."""
+  for setter, c in zip((ax3.set_xlim, ax3.set_ylim, ax3.set_zlim), centre):
+    setter(c - radius, c + radius)
   ax3.set_box_aspect((1, 1, 1))
   ax3.view_init(elev=elev, azim=azim)
-  ax3.set_xlabel("x (m)", fontsize=7)
-  ax3.set_ylabel("z (m)", fontsize=7)
-  ax3.set_zlabel("-y (m)", fontsize=7)
-  ax3.tick_params(labelsize=5)
+  ax3.set_xlabel("x (m)", fontsize=fontsize)
+  ax3.set_ylabel("z (m)", fontsize=fontsize)
+  ax3.set_zlabel("-y (m)", fontsize=fontsize)
+  ax3.tick_params(labelsize=fontsize - 2)
 
 
 def animate_poses(path: str, poses_3d, *, dataset: str = "h36m", fps: float = 10.0,
