@@ -64,6 +64,20 @@ def test_default_precision_leaves_no_highest_dots():
   assert all(p == ("DEFAULT", "DEFAULT") for p in dots)
 
 
+@pytest.mark.parametrize("name,attribute", [("default", "DEFAULT"), ("highest", "HIGHEST")])
+def test_precision_reaches_the_cpn_resizes(name, attribute):
+  """CPN's align-corners resizes (matmuls) follow the model's policy too."""
+  cfg = _tiny_config(backbone="cpn", matmul_precision=name)
+  cfg.backbone_kwargs = dict(resnet_layers=(1, 1, 1, 1), width=8, lateral_channels=16)
+  model = capf.build_model(cfg)
+  images = jnp.zeros((1, 64, 64, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, method="features"))
+  text = jax.jit(lambda v, x: model.apply(v, x, method="features")).lower(shapes, images).as_text()
+  dots = _dot_precisions(text)
+  assert len(dots) >= 2 * 7  # 3 GlobalNet upsamples + 4 RefineNet resizes, 2 matmuls each
+  assert all(p == (attribute, attribute) for p in dots), set(dots)
+
+
 @pytest.mark.parametrize("name,attribute", [("highest", "HIGHEST"), ("high", "HIGH")])
 def test_precision_reaches_every_dot(name, attribute):
   text = _lowered_text(_tiny_config(matmul_precision=name))

@@ -123,14 +123,14 @@ def default_model_config(backbone: str = "hrnet_32",
 
 
 def build_backbone(backbone: str, backbone_kwargs: Mapping[str, Any] | None = None,
-                   dtype: str = "float32") -> nn.Module:
+                   dtype: str = "float32", matmul_precision: str = "highest") -> nn.Module:
   kwargs = dict(backbone_kwargs or {})
   kwargs["dtype"] = jnp.dtype(dtype)
-  if backbone in HRNET_WIDTHS:
+  if backbone in HRNET_WIDTHS:  # convolutions only: no matmul precision to set
     kwargs.setdefault("width", HRNET_WIDTHS[backbone])
     return hrnet.HRNet(**kwargs)
-  if backbone == "cpn":
-    return cpn.CPN(**kwargs)
+  if backbone == "cpn":  # its align-corners resizes are matmuls
+    return cpn.CPN(matmul_precision=matmul_precision, **kwargs)
   raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
 
 
@@ -144,7 +144,8 @@ def build_model(model_config: Mapping[str, Any]) -> CAPF:
   # Fields a config leaves out (older model_config.json files: e.g. those
   # written before the precision policy) take the official values.
   cfg = {**default_model_config(cfg["backbone"], cfg.get("dataset", "h36m")).to_dict(), **cfg}
-  backbone = (build_backbone(cfg["backbone"], kwargs, cfg["backbone_dtype"])
+  backbone = (build_backbone(cfg["backbone"], kwargs, cfg["backbone_dtype"],
+                             cfg["matmul_precision"])
               if cfg["use_context"] else None)
   lifter = Lifter(**{name: cfg[name] for name in _LIFTER_FIELDS},
                   deformable=cfg["deformable"], use_context=cfg["use_context"],

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from contextpose_jax.models import torch_import
+from contextpose_jax.models import matmul_precision
 from contextpose_jax.models.resize import resize_bilinear_align_corners
 
 # Heads that every official checkpoint holds. GlobalNet's per-level heatmap
@@ -103,6 +104,7 @@ class GlobalNet(nn.Module):
   """Top-down pyramid: each level = lateral(C_k) + upsampled previous level."""
   lateral_channels: int = 256
   dtype: Any = jnp.float32
+  matmul_precision: str = 'highest'  # of the resize (the model's precision policy)
 
   @nn.compact
   def __call__(self, features, train: bool = False):
@@ -124,7 +126,8 @@ class GlobalNet(nn.Module):
       if i != len(features) - 1:
         # nn.Upsample(scale_factor=2, align_corners=True) -> 1x1 conv -> BN.
         _, h, w, _ = level.shape
-        up = resize_bilinear_align_corners(level, (2 * h, 2 * w))
+        up = resize_bilinear_align_corners(level, (2 * h, 2 * w),
+                                           matmul_precision(self.matmul_precision))
         up = conv(self.lateral_channels, 1, name=f'upsamples_{i}_1')(up)
         up = norm(name=f'upsamples_{i}_2')(up)
     return pyramid
@@ -141,6 +144,7 @@ class RefineNet(nn.Module):
   heatmap_head: bool = False
   num_joints: int = NUM_COCO_JOINTS
   dtype: Any = jnp.float32
+  matmul_precision: str = 'highest'  # of the resize (the model's precision policy)
 
   @nn.compact
   def __call__(self, pyramid, train: bool = False):
@@ -150,7 +154,8 @@ class RefineNet(nn.Module):
         # Official: Bottleneck(256, 128) with expansion 2 keeps 256 channels.
         x = Bottleneck(self.lateral_channels // 2, 2, 1, True,
                        dtype=self.dtype, name=f'cascade_{i}_{k}')(x, train)
-      outputs.append(resize_bilinear_align_corners(x, self.output_hw))
+      outputs.append(resize_bilinear_align_corners(
+          x, self.output_hw, matmul_precision(self.matmul_precision)))
     if not self.heatmap_head:
       return outputs, None
     # Official `final_predict` on the channel-concatenated cascade (cascade
@@ -181,6 +186,9 @@ class CPN(nn.Module):
   heatmap_head: bool = False
   num_joints: int = NUM_COCO_JOINTS
   dtype: Any = jnp.float32
+  # 'highest' | 'high' | 'default': the precision of the align-corners
+  # resizes (two small matmuls each), from the model config.
+  matmul_precision: str = 'highest'
 
   @nn.compact
   def __call__(self, images, train: bool = False, with_heatmaps: bool = False):
@@ -188,13 +196,13 @@ class CPN(nn.Module):
       raise ValueError(f'CPN: resnet_layers needs 4 stages, got {self.resnet_layers}')
     stages = ResNet(tuple(self.resnet_layers), self.width, self.dtype,
                     name='resnet')(images, train)
-    pyramid = GlobalNet(self.lateral_channels, self.dtype,
+    pyramid = GlobalNet(self.lateral_channels, self.dtype, self.matmul_precision,
                         name='global_net')(stages, train)
     if with_heatmaps and not self.heatmap_head:
       raise ValueError('CPN: built without the heatmap head (heatmap_head=False)')
     maps, heatmaps = RefineNet(self.lateral_channels, tuple(self.output_hw),
                                self.heatmap_head, self.num_joints, self.dtype,
-                               name='refine_net')(pyramid, train)
+                               self.matmul_precision, name='refine_net')(pyramid, train)
     return (maps, heatmaps) if with_heatmaps else maps
 
 

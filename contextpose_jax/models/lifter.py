@@ -33,24 +33,12 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from contextpose_jax.models import matmul_precision
 from contextpose_jax.models.sampler import grid_sample
 
 TRANSFORMER_LN_EPS = 1e-6
 TORCH_LN_EPS = 1e-5
 SMALL_ATTENTION_TOKENS = 8
-MATMUL_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
-                     "high": jax.lax.Precision.HIGH,
-                     "default": None}  # the backend's fastest (TF32 / bf16 passes)
-
-
-def matmul_precision(name: str):
-  """'highest' | 'high' | 'default' -> the ``precision`` of jnp.dot / einsum."""
-  if name not in MATMUL_PRECISIONS:
-    raise ValueError(f"matmul_precision must be one of {tuple(MATMUL_PRECISIONS)}, "
-                     f"got {name!r}")
-  return MATMUL_PRECISIONS[name]
-
-
 def _torch_uniform(fan_in: int):
   """torch nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
