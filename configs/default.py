@@ -90,4 +90,4 @@ def get_config():
 
 
 def metrics():
-  return ['train/loss', 'eval/mpjpe', 'eval/p_mpjpe']
+  return ['train/loss_mm', 'eval/mpjpe', 'eval/p_mpjpe']

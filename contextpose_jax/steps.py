@@ -91,8 +91,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def _init_key(seed: int):
-  # XLA:CPU compiles one threefry hash per initialiser, ~3x slower than the
-  # RngBitGenerator ('rbg'): 35 s vs 13 s for CA-PF's init on 2 cores. Init
+  # XLA:CPU compiles one threefry hash per initialiser, several times slower
+  # to compile than the RngBitGenerator ('rbg') for CA-PF's init. Init
   # runs unsharded and identically on every host, so rbg's dependence on the
   # partitioning does not matter here; the train step's dropout keeps threefry.
   return jax.random.key(seed, impl='rbg')
