@@ -208,14 +208,21 @@ def make_example(image_rgb: np.ndarray, keypoints_px, box, backbone: str) -> dic
   }
 
 
+@contextlib.contextmanager
+def _as_input_error(*errors):
+  """Turns the library's one-line errors into the CLI's InputError."""
+  try:
+    yield
+  except errors as e:
+    raise InputError(str(e)) from e
+
+
 def read_image(path: str) -> np.ndarray:
   """An image file as uint8 RGB (H, W, 3); truncated or corrupt files are errors."""
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such image")
-  try:
+  with _as_input_error(image_io.ImageError):
     return image_io.read_image(path)
-  except image_io.ImageError as e:
-    raise InputError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------
@@ -717,17 +724,13 @@ def _check_options(args) -> None:
 def _read_model_config(path: str):
   if not os.path.exists(path):
     raise InputError(f"{path}: no such checkpoint directory")
-  try:
+  with _as_input_error(checkpoints.ModelDirectoryError):
     return checkpoints.read_model_config(path)
-  except checkpoints.ModelDirectoryError as e:
-    raise InputError(str(e)) from e
 
 
 def _load_predictor(path: str, fold_batch_norm: bool = True) -> Predictor:
-  try:
+  with _as_input_error(checkpoints.ModelDirectoryError):
     return Predictor.load(path, fold_batch_norm=fold_batch_norm)
-  except checkpoints.ModelDirectoryError as e:
-    raise InputError(str(e)) from e
 
 
 def _frames_of(args, keypoints, frame_names, kp_path) -> Frames:

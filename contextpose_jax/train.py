@@ -73,13 +73,18 @@ def initial_variables(config, model):
 
 class Progress:
   """Steps/s and an ETA: the remaining steps at the latest interval's rate
-  (the first one includes compilation) plus the evaluations still to come."""
+  plus the evaluations still to come, at their measured time. The clock
+  starts after the first step, so compilation counts in neither."""
 
   def __init__(self, start_step: int, num_steps: int, evals_left: int):
     self.num_steps, self.evals_left = num_steps, evals_left
     self.rate = None
     self.t_eval, self.evals_timed = 0.0, 0
     self.t_mark, self.step_mark = time.time(), start_step
+
+  def compiled(self, step: int):
+    """The first step of this run is done (and compiled): start the clock."""
+    self.t_mark, self.step_mark = time.time(), step
 
   def train_interval(self, step: int) -> float:
     """Closes a logging interval; returns its steps per second."""
@@ -280,6 +285,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         state, metrics = train_step(state, batch)
       train_metrics.append(metrics)
       done = step + 1
+      if step == start_step:
+        jax.block_until_ready(metrics)
+        progress.compiled(done)
       if done % config.log_every_steps == 0 or done == num_steps:
         m = jax.device_get(train_metrics)
         rate = progress.train_interval(done)

@@ -23,8 +23,10 @@ import time
 
 import pytest
 
+import train_fixtures
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, 'configs', 'tiny_test.py')
+CONFIG = train_fixtures.CONFIG
 # absl log lines (I/W/E + date) are not the error: the error is the one line
 # that is not a log line.
 LOG_LINE = re.compile(r'^[IWE]\d{4} ')
@@ -32,23 +34,10 @@ LOG_LINE = re.compile(r'^[IWE]\d{4} ')
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  root = tmp_path_factory.mktemp('faults_train')
-  data_dir = root / 'data'
-  sys.path.insert(0, REPO)
-  from configs import tiny_test
-  from data_prep import synthetic
-  synthetic.build(str(data_dir), log=lambda *a: None,
-                  **tiny_test.get_config().data.synthetic.to_dict())
-  cache = root / 'jax_cache'
-  environ = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return dict(root=root, data_dir=str(data_dir), environ=environ)
+  return train_fixtures.make_env(tmp_path_factory, 'faults_train')
 
 
-def _cmd(env, workdir, *extra):
-  return [sys.executable, os.path.join(REPO, 'main.py'), f'--config={CONFIG}',
-          f'--workdir={workdir}', f'--config.data.data_dir={env["data_dir"]}', *extra]
+_cmd = train_fixtures.main_cmd
 
 
 def _error_line(proc):

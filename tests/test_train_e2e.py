@@ -15,30 +15,18 @@ import time
 import numpy as np
 import pytest
 
+import train_fixtures
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, 'configs', 'tiny_test.py')
+CONFIG = train_fixtures.CONFIG
 
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  root = tmp_path_factory.mktemp('e2e')
-  data_dir = root / 'data'
-  sys.path.insert(0, REPO)
-  from configs import tiny_test
-  from data_prep import synthetic
-  synthetic.build(str(data_dir), log=lambda *a: None,
-                  **tiny_test.get_config().data.synthetic.to_dict())
-  # Runs share compiled programs (same shapes, same process layout).
-  cache = root / 'jax_cache'
-  environ = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return dict(root=root, data_dir=str(data_dir), environ=environ, runs={})
+  return train_fixtures.make_env(tmp_path_factory, 'e2e')
 
 
-def _cmd(env, workdir, *extra):
-  return [sys.executable, os.path.join(REPO, 'main.py'), f'--config={CONFIG}',
-          f'--workdir={workdir}', f'--config.data.data_dir={env["data_dir"]}', *extra]
+_cmd = train_fixtures.main_cmd
 
 
 def _run(env, workdir, *extra):
