@@ -28,7 +28,6 @@ import cv2
 import numpy as np
 
 from contextpose_jax import geometry
-from contextpose_jax import image_io
 from data_prep import h36m_labels
 from data_prep import h36m_metadata
 from data_prep import records

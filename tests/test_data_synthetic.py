@@ -1,6 +1,5 @@
 """synthetic_human36m: geometry against the official code, splits, determinism,
 complete-or-nothing and resumable builds."""
-import functools
 import glob
 import os
 

@@ -2,7 +2,6 @@
 each reading only its own shard of the synthetic set through the input
 pipeline, take the same train steps and produce the same evaluation as one
 process fed the same global batches."""
-import pytest
 import json
 import os
 import socket

@@ -28,7 +28,7 @@ decoding batches], [`prefetch` 2: batches buffered ahead],
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 from absl import flags
 from array_record.python import array_record_module
