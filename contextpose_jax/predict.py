@@ -414,6 +414,16 @@ def suspect_reason(keypoints_px, keypoints_crop, box, width: int, height: int) -
 # ----------------------------------------------------------------------------
 
 
+def _frame_box(boxes, i: int, name: str, width: int, height: int, fallback, fallback_what: str):
+  """Frame i's box: the given one (--bbox or the keypoints file), made square,
+  else `fallback`; either must overlap the frame."""
+  if boxes is not None:
+    check_box(boxes[i], width, height, f"{name}: --bbox")
+    return geometry.square_box(boxes[i])
+  check_box(fallback, width, height, f"{name}: {fallback_what}")
+  return fallback
+
+
 def _detector_backbone(detector) -> str:
   config = getattr(detector, "model_config", None) or {}
   return config.get("backbone", "hrnet_32")
@@ -436,11 +446,8 @@ def detect_frames(detector, frames: Frames, boxes, *, batch_size: int,
     crops, inverses = [], []
     for i, name, image in batch:
       h, w = image.shape[:2]
-      if boxes is not None:
-        check_box(boxes[i], w, h, f"{name}: --bbox")
-        box = geometry.square_box(boxes[i])
-      else:
-        box = geometry.square_box([0.0, 0.0, w - 1.0, h - 1.0])
+      box = _frame_box(boxes, i, name, w, h, geometry.square_box([0.0, 0.0, w - 1.0, h - 1.0]),
+                       "the whole frame")
       center, scale = geometry.box_to_center_scale(box)
       crops.append(geometry.crop_image(image, center, scale))
       inverses.append(geometry.affine_matrix(center, scale, inverse=True))
@@ -500,12 +507,9 @@ def predict_frames(predictor, frames, keypoints, boxes, *, flip_test: bool, batc
     examples = []
     for i, name, image in batch:
       h, w = image.shape[:2]
-      if boxes is not None:
-        check_box(boxes[i], w, h, f"{name}: --bbox")
-        box = geometry.square_box(boxes[i])
-      else:
-        box = geometry.box_from_keypoints(keypoints[i], keypoint_box_enlarge)
-        check_box(box, w, h, f"{name}: the keypoints' box")
+      box = _frame_box(boxes, i, name, w, h,
+                       geometry.box_from_keypoints(keypoints[i], keypoint_box_enlarge),
+                       "the keypoints' box")
       example = make_example(image, keypoints[i], box, backbone)
       example["bbox"] = box
       example["image_size"] = np.array([w, h])

@@ -102,17 +102,7 @@ def test_production_train_step_matches_torch_adamw():
   got, want = work.outputs["jax fp32"], work.outputs["torch fp32"]
   assert float(want[0]) > 0.1  # a real loss
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-  diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(got[1:], want[1:])])
-  # As in the lifter-only test: weights whose gradient is at rounding level
-  # take an arbitrary +-lr first Adam step; every other weight agrees.
-  assert (diff > 2e-5).mean() < 1e-4, ((diff > 2e-5).sum(), diff.size)
-  before = benchmark.comparable_weights(work.extras["initial_params"])
-  for name in ("jax fp32", "torch fp32"):
-    after = work.outputs[name][1:]
-    assert len(after) == len(before) > 20
-    moved = np.array([np.abs(a - b).max() for a, b in zip(after, before)])
-    # lr 6.4e-4 (configs/h36m_hrnet32.py): AdamW's first step moves each by ~lr.
-    assert moved.min() > 1e-4 and moved.max() < 2e-3, (name, moved.min(), moved.max())
+  _assert_same_first_adamw_step(work, got, want)
   assert rows["jax fp32"].max_diff < 2 * 6.4e-4
   # The official drop path (0.2): different masks in the two frameworks.
   assert not benchmark.train_step_workload("hrnet_32", 3, models=models).comparable
@@ -139,19 +129,7 @@ def test_lifter_train_step_matches_torch_adamw():
   assert jax_row.max_diff is not None and jax_row.max_diff < 2 * 6.4e-4  # a bounded step
   got, want = work.outputs["jax fp32"], work.outputs["torch fp32"]
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # the loss
-  # Adam's first step is lr * g / (|g| + 1e-8): where a gradient is itself
-  # ~1e-8 (rounding level), the step is rounding noise in both frameworks.
-  # All other weights agree to float32 precision.
-  diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(got[1:], want[1:])])
-  assert (diff > 2e-5).mean() < 1e-4, ((diff > 2e-5).sum(), diff.size)
-  # The comparison covers every weight, and the step moved each by about lr
-  # (AdamW's first step), far more than the tolerance above.
-  before = benchmark.comparable_weights(work.extras["initial_params"])
-  for name in ("jax fp32", "torch fp32"):
-    after = work.outputs[name][1:]
-    assert len(after) == len(before) > 20
-    moved = np.array([np.abs(a - b).max() for a, b in zip(after, before)])
-    assert moved.min() > 1e-4 and moved.max() < 2e-3, (name, moved.min(), moved.max())
+  _assert_same_first_adamw_step(work, got, want)
   # With drop path on (the official 0.2), the random masks differ: no claim.
   assert not benchmark.lifter_train_workload(
       "hrnet_32", 3, embed_dim=32, depth=1, backbone_kwargs=SMALL["hrnet_32"]).comparable
@@ -234,3 +212,22 @@ def test_on_paper_costs_match_closed_forms():
   assert set(costs) == {'train step', 'predict (flip test)'}
   assert all(f > 1e6 and b > 1e5 for f, b in costs.values())
   assert 'GFLOP / example' in on_paper.table(costs)
+
+
+def _assert_same_first_adamw_step(work, got, want):
+  """JAX's and torch's updated weights after one AdamW step agree.
+
+  Adam's first step is lr * g / (|g| + 1e-8): where a gradient is itself
+  ~1e-8 (rounding level), the step is rounding noise in both frameworks; all
+  other weights agree to float32 precision. The comparison covers every
+  weight, and the step moved each by about lr (lr 6.4e-4, as
+  configs/h36m_hrnet32.py), far more than the tolerance.
+  """
+  diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(got[1:], want[1:])])
+  assert (diff > 2e-5).mean() < 1e-4, ((diff > 2e-5).sum(), diff.size)
+  before = benchmark.comparable_weights(work.extras["initial_params"])
+  for name in ("jax fp32", "torch fp32"):
+    after = work.outputs[name][1:]
+    assert len(after) == len(before) > 20
+    moved = np.array([np.abs(a - b).max() for a, b in zip(after, before)])
+    assert moved.min() > 1e-4 and moved.max() < 2e-3, (name, moved.min(), moved.max())
