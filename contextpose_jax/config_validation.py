@@ -16,15 +16,14 @@ from __future__ import annotations
 import numbers
 import os
 
+from contextpose_jax import checkpoints
 from contextpose_jax.data import pipeline
 from contextpose_jax.models import BACKBONES
+from contextpose_jax.models.capf import MODEL_CONFIG_FILE
 
 MODEL_DATASETS = ('h36m', '3dhp')
 BACKBONE_DTYPES = ('float32', 'bfloat16')
 SCRATCH_INITS = ('he', 'official')
-# Written by the converter (`capf.MODEL_CONFIG_FILE`), kept here so that the
-# checks import no model code.
-MODEL_CONFIG_FILE = 'model_config.json'
 
 
 class ConfigError(ValueError):
@@ -107,10 +106,11 @@ def _model_source(path: str, field: str):
   if not os.path.isdir(path):
     raise ConfigError(f'config.{field}={path}: no such directory')
   if not any(os.path.exists(os.path.join(path, name))
-             for name in (MODEL_CONFIG_FILE, 'best', 'checkpoints')):
+             for name in (MODEL_CONFIG_FILE, checkpoints.BEST_DIR, checkpoints.LATEST_DIR)):
     raise ConfigError(
         f'config.{field}={path}: neither a converter output directory '
-        f'({MODEL_CONFIG_FILE}) nor a training workdir (best/ or checkpoints/)')
+        f'({MODEL_CONFIG_FILE}) nor a training workdir ({checkpoints.BEST_DIR}/ or '
+        f'{checkpoints.LATEST_DIR}/)')
 
 
 def check_fields(config, device_count: int, workdir: str | None = None) -> None:
