@@ -25,6 +25,9 @@ implementations of a row group are timed interleaved (a round calls each once):
   sampler     the context sampler alone: our ``grid_sample`` (custom VJP) vs
               ``jax.scipy.ndimage.map_coordinates`` vs torch ``F.grid_sample``,
               forward and forward + backward;
+  conv        single convolutions of the backbones' shapes (NHWC, fp32 and
+              bf16): XLA:CPU's Eigen path (ours, ``compiler_options``) vs its
+              default YNNPACK path vs torch ``F.conv2d``;
   compile     the first ``Predictor.predict`` call of the full-size model
               (``--compile_backbone``, ``--compile_batch``) in a new process
               with an empty persistent compilation cache (cold) and in a second
@@ -58,7 +61,7 @@ import numpy as np
 from contextpose_jax import cli
 from contextpose_jax.models import BACKBONES
 
-ALL_ROWS = ("model", "train_step", "train", "sampler", "compile", "pipeline")
+ALL_ROWS = ("model", "train_step", "train", "sampler", "conv", "compile", "pipeline")
 
 
 # ----------------------------------------------------------------------------
@@ -745,6 +748,66 @@ def sampler_workload(backbone: str, batch: int, *, backward: bool = False,
                   kind="sampler fwd+bwd" if backward else "sampler fwd", backbone=backbone)
 
 
+# The conv rows' shapes: (input NHWC at batch 1, output channels, kernel,
+# stride), from HRNet-W32 (branch 3x3 convs of widths 32..256, the stride-2
+# stem) and CPN (its 1x1 lateral conv).
+CONV_SHAPES = (((64, 48, 32), 32, 3, 1), ((32, 24, 64), 64, 3, 1),
+               ((16, 12, 128), 128, 3, 1), ((8, 6, 256), 256, 3, 1),
+               ((128, 96, 64), 64, 3, 2), ((64, 48, 256), 256, 1, 1))
+
+
+def conv_workload(shape, features: int, kernel: int, stride: int, batch: int, *,
+                  dtype: str = "float32", seed: int = 0) -> Workload:
+  """One convolution: the compiled program with our CPU options (Eigen), with
+  XLA's default (YNNPACK), and torch (float32 only: its bf16 CPU conv is
+  another kernel family)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import compiler_options  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, *shape)).astype(np.float32)
+  w = (rng.normal(size=(kernel, kernel, shape[-1], features)) /
+       np.sqrt(kernel * kernel * shape[-1])).astype(np.float32)
+  pad = kernel // 2
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  j_x, j_w = (jax.device_put(jnp.asarray(a, dtype)) for a in (x, w))
+  impls = {}
+  for name, options in (("jax eigen (ours)", compiler_options.for_platform("cpu")),
+                        ("jax ynnpack (XLA default)", None)):
+    fn = jax.jit(conv, compiler_options=options)
+    impls[name] = functools.partial(_jax_blocking(fn), j_x, j_w)
+  reference = None
+  if dtype == "float32":
+    device = _torch_device()
+    t_x = torch.tensor(x, device=device).permute(0, 3, 1, 2).contiguous()
+    t_w = torch.tensor(w, device=device).permute(3, 2, 0, 1).contiguous()
+
+    def torch_call():
+      with torch.no_grad():
+        out = F.conv2d(t_x, t_w, stride=stride, padding=pad)
+      _torch_sync()
+      return out.permute(0, 2, 3, 1)
+    impls["torch"] = torch_call
+    reference = "torch"
+  def float64_answer():
+    # Every row against the exact convolution of the inputs it was given.
+    r_x, r_w = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w))
+    out = F.conv2d(torch.tensor(r_x).permute(0, 3, 1, 2), torch.tensor(r_w).permute(3, 2, 0, 1),
+                   stride=stride, padding=pad)
+    return out.permute(0, 2, 3, 1).numpy()
+  h, w_, c = shape
+  return Workload(f"conv {h}x{w_}x{c} -> {features}, {kernel}x{kernel}/{stride}, batch {batch}, "
+                  f"{dtype}", batch, "images/s", impls, reference,
+                  lambda out: _to_numpy(out).astype(np.float32), exact=float64_answer,
+                  kind="conv")
+
+
 def run_workload(work: Workload, *, warmup: int, repeats: int, log=None) -> list[Row]:
   """Times the implementations (interleaved) and compares their outputs.
 
@@ -866,6 +929,7 @@ flags.DEFINE_integer("train_step_repeats", 0,
                      "timed calls of the train_step rows (0: --repeats)", flag_values=_FLAGS)
 flags.DEFINE_integer("train_batch", 64, "lifter-only train step batch", flag_values=_FLAGS)
 flags.DEFINE_integer("sampler_batch", 64, "context sampler batch", flag_values=_FLAGS)
+flags.DEFINE_integer("conv_batch", 8, "batch of the conv rows", flag_values=_FLAGS)
 flags.DEFINE_string("compile_backbone", "hrnet_32", "backbone of the compile rows",
                     flag_values=_FLAGS)
 flags.DEFINE_integer("compile_batch", 1, "Predictor batch of the compile rows",
@@ -921,7 +985,7 @@ def parse_args(argv):
     if _FLAGS["rows"].using_default_value:
       args.rows = "model,train_step,train,sampler,compile"
     args.batch_sizes = "2"
-    args.train_batch = args.sampler_batch = args.train_step_batch = 4
+    args.train_batch = args.sampler_batch = args.train_step_batch = args.conv_batch = 4
     args.repeats, args.warmup = 1, 0
     args.model_kwargs = dict(TINY_LIFTER)
   if "fold" in args.rows.split(","):
@@ -994,6 +1058,14 @@ def run(args, log=print) -> tuple[list[Row], dict]:
       rows += run_workload(sampler_workload(
           args.backbones[0], args.sampler_batch, backward=backward,
           backbone_kwargs=TINY_BACKBONES[args.backbones[0]] if tiny else None), **timing)
+  if "conv" in args.rows:
+    for shape, features, kernel, stride in CONV_SHAPES:
+      if tiny:  # a quarter of the spatial size, an eighth of the channels
+        shape = (shape[0] // 4, shape[1] // 4, max(4, shape[2] // 8))
+        features = max(4, features // 8)
+      for dtype in args.dtypes:
+        rows += run_workload(conv_workload(shape, features, kernel, stride,
+                                           args.conv_batch, dtype=dtype), **timing)
   if "compile" in args.rows:
     rows += first_call_rows(args.compile_backbone, args.compile_batch, log=log,
                             **kwargs(args.compile_backbone))

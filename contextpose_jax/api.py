@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contextpose_jax import checkpoints
+from contextpose_jax import compiler_options
 from contextpose_jax import skeleton
 from contextpose_jax.models import capf
 from contextpose_jax.models import folding
@@ -67,6 +68,12 @@ class Predictor:
       return self.variables
     return jax.tree.map(np.asarray, folding.fold_batch_norm(self.variables, self.fold_pairs))
 
+  @functools.cached_property
+  def _device_variables(self):
+    # Placed once: numpy variables would be copied to the device (and
+    # re-laid out) on every call -- ~800 arrays for HRNet.
+    return jax.device_put(self.run_variables)
+
   def _apply(self, variables, *args, **kwargs):
     return folding.apply_folded(self.model, variables, *args, pairs=self.fold_pairs, **kwargs)
 
@@ -80,11 +87,11 @@ class Predictor:
 
   @functools.cached_property
   def _features_fn(self):
-    return jax.jit(lambda v, x: self._apply(v, x, method=capf.CAPF.features))
+    return compiler_options.jit(lambda v, x: self._apply(v, x, method=capf.CAPF.features))
 
   @functools.cached_property
   def _predict_fn(self):
-    return jax.jit(lambda v, x, k, c: self._apply(v, x, k, c))
+    return compiler_options.jit(lambda v, x, k, c: self._apply(v, x, k, c))
 
   @property
   def has_heatmap_head(self) -> bool:
@@ -97,10 +104,10 @@ class Predictor:
       heat = self._apply(v, x, method=capf.CAPF.heatmaps)
       coords, scores = heatmap_decoding.decode_heatmaps(heat)
       return heat, heatmap_decoding.heatmap_to_crop(coords), scores
-    return jax.jit(detect)
+    return compiler_options.jit(detect)
 
   def _backbone_variables(self):
-    return {k: {"backbone": v["backbone"]} for k, v in self.run_variables.items()
+    return {k: {"backbone": v["backbone"]} for k, v in self._device_variables.items()
             if "backbone" in v}
 
   def _run_detector(self, images):
@@ -158,11 +165,11 @@ class Predictor:
     kp2d = np.asarray(keypoints_2d, np.float32)
     crop = np.asarray(keypoints_2d_crop, np.float32)
     _check_inputs(images, kp2d, crop)
-    pose = np.asarray(self._predict_fn(self.run_variables, images, kp2d, crop))
+    pose = np.asarray(self._predict_fn(self._device_variables, images, kp2d, crop))
     if not flip_test:
       return pose
     flipped = np.asarray(self._predict_fn(
-        self.run_variables, np.ascontiguousarray(skeleton.flip_images(images)),
+        self._device_variables, np.ascontiguousarray(skeleton.flip_images(images)),
         skeleton.flip_keypoints_2d(kp2d, self.dataset),
         skeleton.flip_keypoints_crop(crop, self.dataset)))
     return (pose + skeleton.flip_pose_3d(flipped, self.dataset)) / 2

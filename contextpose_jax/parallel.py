@@ -29,6 +29,11 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=auto)
 
 
+def platform(mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': where the mesh's programs run."""
+  return mesh.devices.flat[0].platform
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from contextpose_jax import compiler_options
 from contextpose_jax import parallel
 from contextpose_jax import skeleton
 from contextpose_jax.models import capf
@@ -101,7 +102,7 @@ def _init_key(seed: int):
 def init_variables(model, seed: int):
   """Initial model variables (host side, replicated later)."""
   params_rng, dropout_rng = jax.random.split(_init_key(seed))
-  return jax.jit(model.init)({'params': params_rng, 'dropout': dropout_rng},
+  return compiler_options.jit(model.init)({'params': params_rng, 'dropout': dropout_rng},
                              *capf.dummy_inputs(1))
 
 
@@ -146,36 +147,31 @@ def mpjpe_loss(pred, target):
   return jnp.mean(jnp.linalg.norm(pred - target, axis=-1))
 
 
-def apply_model(model, variables, *inputs, fold_pairs=(), **kwargs):
-  """`model.apply`, with the `fold_pairs` BatchNorms folded into their convs.
-
-  The steps fold inside the compiled program (one multiply per frozen
-  weight), so the train state and the checkpoints keep the official,
-  unfolded variables.
-  """
-  if not fold_pairs:
-    return model.apply(variables, *inputs, **kwargs)
-  return folding.apply_folded(model, folding.fold_batch_norm(variables, fold_pairs),
-                              *inputs, pairs=fold_pairs, **kwargs)
-
-
 def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bool,
                fold_pairs=()):
   """One AdamW step on the global batch; a non-finite loss skips the update."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  frozen = {'params': state.frozen_params}
+  if state.batch_stats:
+    frozen['batch_stats'] = state.batch_stats
+  if fold_pairs:
+    # Folded before (outside) the differentiated function: the frozen
+    # backbone is a constant of the loss.
+    frozen = folding.fold_batch_norm(frozen, fold_pairs)
 
   def loss_fn(params):
-    variables = {'params': merge_params(params, state.frozen_params)}
-    if state.batch_stats:
-      variables['batch_stats'] = state.batch_stats
+    variables = {**frozen, 'params': merge_params(params, frozen['params'])}
     inputs = [batch[k] for k in MODEL_KEYS]
     if train_backbone and state.batch_stats:
       pred, updates = model.apply(variables, *inputs, train=True,
                                   rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
       new_stats = updates['batch_stats']
+    elif fold_pairs:
+      pred = folding.apply_folded(model, variables, *inputs, pairs=fold_pairs, train=True,
+                                  rngs={'dropout': dropout_rng})
+      new_stats = state.batch_stats
     else:
-      pred = apply_model(model, variables, *inputs, fold_pairs=fold_pairs, train=True,
-                         rngs={'dropout': dropout_rng})
+      pred = model.apply(variables, *inputs, train=True, rngs={'dropout': dropout_rng})
       new_stats = state.batch_stats
     loss = mpjpe_loss(pred[:, 0], batch['keypoints_3d'])
     return loss, new_stats
@@ -219,8 +215,9 @@ def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool, fold_batch_nor
   pairs = capf.backbone_batch_norm_pairs(model) if fold_batch_norm and not train_backbone else ()
   step = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
                            train_backbone=train_backbone, fold_pairs=pairs)
-  return jax.jit(step, out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-                 donate_argnums=(0,))
+  return compiler_options.jit(
+      step, platform=parallel.platform(mesh), donate_argnums=(0,),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
 
 
 def make_predict_step(model, mesh, dataset: str, flip_test: bool, fold_batch_norm: bool = True):
@@ -228,4 +225,5 @@ def make_predict_step(model, mesh, dataset: str, flip_test: bool, fold_batch_nor
   pairs = capf.backbone_batch_norm_pairs(model) if fold_batch_norm else ()
   step = functools.partial(predict_step, model=model, dataset=dataset, flip_test=flip_test,
                            fold_pairs=pairs)
-  return jax.jit(step, out_shardings=parallel.batch_sharding(mesh))
+  return compiler_options.jit(step, platform=parallel.platform(mesh),
+                              out_shardings=parallel.batch_sharding(mesh))

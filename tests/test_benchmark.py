@@ -148,6 +148,19 @@ def test_three_samplers_agree(backward):
   assert all(np.abs(o).max() > 0.1 for o in out)
 
 
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_conv_rows_agree_with_the_exact_convolution(dtype, tolerance):
+  # The Eigen (ours) and YNNPACK programs and torch compute the same
+  # convolution (torch only in float32); every row is measured against float64.
+  work = benchmark.conv_workload((12, 8, 16), 8, 3, 2, batch=2, dtype=dtype)
+  rows = {r.impl: r for r in benchmark.run_workload(work, warmup=0, repeats=1)}
+  assert set(rows) == ({"jax eigen (ours)", "jax ynnpack (XLA default)"}
+                       | ({"torch"} if dtype == "float32" else set()))
+  for row in rows.values():
+    assert row.max_diff < tolerance, (row.impl, row.max_diff)
+  assert np.abs(work.exact()).max() > 0.5
+
+
 def test_parse_args_quick_tiny_and_errors():
   args = benchmark.parse_args(["--quick", "--rows=model,train"])
   assert args.backbones == ["hrnet_32"] and args.batch_sizes == [2]

@@ -1,4 +1,6 @@
 """The context sampler against torch.nn.functional.grid_sample(align_corners=True)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,15 +60,19 @@ def test_values_and_gradients_match_torch(padding_mode, hw):
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_batch_chunked_backward_matches_torch(padding_mode, monkeypatch):
-  # Large batches run the backward over chunks of the batch; force 3 chunks.
+  # The forward and the backward run over chunks of the batch; force 3 chunks.
   rng = np.random.default_rng(1)
   b, h, w, c, n = 6, 7, 5, 3, 8
   fmap = rng.normal(size=(b, h, w, c)).astype(np.float32)
   coords = _points(rng, b, n, h, w)
   cotangent = rng.normal(size=(b, coords.shape[1], c)).astype(np.float32)
-  monkeypatch.setattr(sampler, "_BACKWARD_CHUNK_FLOATS", 2 * coords.shape[1] * c)
+  monkeypatch.setattr(sampler, "_CHUNK_FLOATS", 2 * coords.shape[1] * c)
+  assert sampler._chunk_size(b, coords.shape[1] * c) == 2 and sampler._chunk_size(b) == 3
 
   out_t, fmap_t, grid_t = _torch_sample(fmap, coords, padding_mode)
+  out = jax.jit(functools.partial(grid_sample, padding_mode=padding_mode))(fmap, coords)
+  np.testing.assert_allclose(out, out_t.detach().numpy(),
+                             rtol=1e-5, atol=1e-5)
   (out_t * torch.tensor(cotangent)).sum().backward()
   d_map, d_coords = jax.jit(jax.grad(
       lambda f, g: jnp.sum(grid_sample(f, g, padding_mode) * cotangent), argnums=(0, 1)))(
