@@ -66,8 +66,8 @@ def test_batch_chunked_backward_matches_torch(padding_mode, monkeypatch):
   fmap = rng.normal(size=(b, h, w, c)).astype(np.float32)
   coords = _points(rng, b, n, h, w)
   cotangent = rng.normal(size=(b, coords.shape[1], c)).astype(np.float32)
-  monkeypatch.setattr(sampler, "_CHUNK_FLOATS", 2 * coords.shape[1] * c)
-  assert sampler._chunk_size(b, coords.shape[1] * c) == 2 and sampler._chunk_size(b) == 3
+  monkeypatch.setattr(sampler, "_CHUNKS", 3)
+  assert sampler._chunk_size(b) == 2
 
   out_t, fmap_t, grid_t = _torch_sample(fmap, coords, padding_mode)
   out = jax.jit(functools.partial(grid_sample, padding_mode=padding_mode))(fmap, coords)

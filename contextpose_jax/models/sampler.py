@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 
 PADDING_MODES = ("zeros", "border")
-# Floats per (chunk, points, channels) temporary: ~1 MB, so a chunk's
-# gathered rows and updates fit in L2/L3 (measured on the backward: 2^18 was best).
-_CHUNK_FLOATS = 2 ** 18
+# The batch is split into about this many chunks (see _chunk_size).
+_CHUNKS = 8
 # Corner offsets (dy, dx), in torch's order: nw, ne, sw, se.
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -81,24 +80,23 @@ def _rows(flat_map, row):
       *row.shape, flat_map.shape[-1])
 
 
-def _chunk_size(b: int, floats_per_example: int | None = None) -> int:
-  """Examples per chunk: a divisor of ``b``, at least two chunks when ``b > 1``
-  and, given ``floats_per_example``, ~``_CHUNK_FLOATS`` per chunk's temporary
-  (the backward's (chunk, points, channels) buffers); else as few as possible
-  (the forward writes only its output: each chunk is one fused loop).
+def _chunk_size(b: int) -> int:
+  """Examples per chunk: the largest divisor of ``b`` up to ``b / _CHUNKS``.
 
-  Why a loop at all, in the forward too: a single chunk is no loop, and XLA
-  then fuses the map's producer (a backbone's last adds, upsamplings and
-  folded BatchNorms) into every corner's gather of every sampler call,
-  recomputing it per gathered row (80 ms of a 950 ms HRNet-W32 forward at
-  batch 8; 0.35 s of a batch-16 training step). In a loop the map is a
-  parameter of the body, read where it lies. (``optimization_barrier`` does
-  not help: XLA:CPU removes it before fusion.)
+  Why a loop at all, in the forward too: without one, XLA fuses the map's
+  producer (a backbone's last adds, upsamplings and folded BatchNorms) into
+  every corner's gather of every sampler call, recomputing it per gathered
+  row (80 ms of a 950 ms HRNet-W32 forward at batch 8). In a loop the map is
+  a parameter of the body, read where it lies. (``optimization_barrier``
+  does not help: XLA:CPU removes it before fusion.) Why a function of the
+  batch alone: every call on a map (the reference sampling, each deformable
+  block, forward and backward) then splits it alike, so XLA materializes it
+  once; two split shapes cost the training step a second materialization of
+  the backbone's output (0.75 s at batch 64). Chunks also keep the
+  backward's (chunk, points, channels) temporaries in cache.
   """
-  if b == 1:
-    return 1
-  target = b - 1 if floats_per_example is None else _CHUNK_FLOATS // floats_per_example
-  return max(d for d in range(1, max(1, min(b - 1, target)) + 1) if b % d == 0)
+  limit = max(1, -(-b // _CHUNKS))
+  return max(d for d in range(1, limit + 1) if b % d == 0 and (d < b or b == 1))
 
 
 def _over_batch_chunks(fn, chunk: int, *arrays):
@@ -164,9 +162,8 @@ def _backward(padding_mode, feature_map, coords, g):
 
 def _sample_bwd(padding_mode, residuals, g):
   feature_map, coords = residuals
-  b, n, c = g.shape
   return _over_batch_chunks(functools.partial(_backward, padding_mode),
-                            _chunk_size(b, max(1, n * c)), feature_map, coords, g)
+                            _chunk_size(g.shape[0]), feature_map, coords, g)
 
 
 _sample.defvjp(_sample_fwd, _sample_bwd)
