@@ -22,6 +22,9 @@ HRNet-W32 maps; ``python -m benchmarks.speed --rows=sampler``):
   and runs the backward over chunks of the batch, so its temporaries stay in
   cache: the map gradient is one scatter-add over the combined corner indices,
   the point gradient is analytic from the 4 corner rows.
+- Both run over the same chunks of the batch (``_chunk_size``): inside a
+  model the loop is what keeps XLA from fusing the backbone's output into
+  the gathers (see there).
 """
 from __future__ import annotations
 
