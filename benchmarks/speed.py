@@ -795,6 +795,7 @@ def conv_workload(shape, features: int, kernel: int, stride: int, batch: int, *,
       return out.permute(0, 2, 3, 1)
     impls["torch"] = torch_call
     reference = "torch"
+
   def float64_answer():
     # Every row against the exact convolution of the inputs it was given.
     r_x, r_w = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w))

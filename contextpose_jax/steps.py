@@ -103,7 +103,7 @@ def init_variables(model, seed: int):
   """Initial model variables (host side, replicated later)."""
   params_rng, dropout_rng = jax.random.split(_init_key(seed))
   return compiler_options.jit(model.init)({'params': params_rng, 'dropout': dropout_rng},
-                             *capf.dummy_inputs(1))
+                                          *capf.dummy_inputs(1))
 
 
 def he_init_backbone(variables, seed: int):
@@ -147,6 +147,20 @@ def mpjpe_loss(pred, target):
   return jnp.mean(jnp.linalg.norm(pred - target, axis=-1))
 
 
+def _folded(model, variables, fold_pairs):
+  """``(variables, apply)``: the `fold_pairs` BatchNorms folded into their
+  convs and the matching apply (unchanged when there are none).
+
+  The steps fold inside the compiled program (one multiply per frozen
+  weight), so the train state and the checkpoints keep the official,
+  unfolded variables.
+  """
+  if not fold_pairs:
+    return variables, model.apply
+  return (folding.fold_batch_norm(variables, fold_pairs),
+          functools.partial(folding.apply_folded, model, pairs=fold_pairs))
+
+
 def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bool,
                fold_pairs=()):
   """One AdamW step on the global batch; a non-finite loss skips the update."""
@@ -154,10 +168,9 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
   frozen = {'params': state.frozen_params}
   if state.batch_stats:
     frozen['batch_stats'] = state.batch_stats
-  if fold_pairs:
-    # Folded before (outside) the differentiated function: the frozen
-    # backbone is a constant of the loss.
-    frozen = folding.fold_batch_norm(frozen, fold_pairs)
+  # Folded outside the differentiated function: the frozen backbone is a
+  # constant of the loss.
+  frozen, model_apply = _folded(model, frozen, fold_pairs)
 
   def loss_fn(params):
     variables = {**frozen, 'params': merge_params(params, frozen['params'])}
@@ -166,12 +179,8 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
       pred, updates = model.apply(variables, *inputs, train=True,
                                   rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
       new_stats = updates['batch_stats']
-    elif fold_pairs:
-      pred = folding.apply_folded(model, variables, *inputs, pairs=fold_pairs, train=True,
-                                  rngs={'dropout': dropout_rng})
-      new_stats = state.batch_stats
     else:
-      pred = model.apply(variables, *inputs, train=True, rngs={'dropout': dropout_rng})
+      pred = model_apply(variables, *inputs, train=True, rngs={'dropout': dropout_rng})
       new_stats = state.batch_stats
     loss = mpjpe_loss(pred[:, 0], batch['keypoints_3d'])
     return loss, new_stats
@@ -199,11 +208,7 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
 def predict_step(variables, batch, *, model, dataset: str, flip_test: bool, fold_pairs=()):
   """(B, 17, 3) predictions; with the flip test, the mean of the prediction and
   the un-flipped prediction on the mirrored input (as the official loop)."""
-  if fold_pairs:
-    variables, model_apply = folding.fold_batch_norm(variables, fold_pairs), functools.partial(
-        folding.apply_folded, model, pairs=fold_pairs)
-  else:
-    model_apply = model.apply
+  variables, model_apply = _folded(model, variables, fold_pairs)
   pred = model_apply(variables, *[batch[k] for k in MODEL_KEYS], train=False)[:, 0]
   if flip_test:
     pred_flip = model_apply(variables, *[batch[k] for k in FLIP_KEYS], train=False)[:, 0]

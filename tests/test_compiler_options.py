@@ -8,7 +8,6 @@ programs and of the production train and predict steps.
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import default as default_config
@@ -101,4 +100,7 @@ def test_train_and_predict_steps_carry_the_options():
   batch = {k: v for k, v in batch.items() if k != "keypoints_3d"}
   hlo = predict_step.lower(variables, parallel.global_batch(batch, mesh)).compile().as_text()
   assert _convolutions(hlo)[0] == 0 and _convolutions(hlo)[1] > 10
-  assert jnp.all(jnp.isfinite(predict_step(variables, parallel.global_batch(batch, mesh))))
+  # Same numbers as the unfolded model under XLA's default options.
+  np.testing.assert_allclose(predict_step(variables, parallel.global_batch(batch, mesh)),
+                             np.asarray(model.apply(variables, images, kp2d, crop))[:, 0],
+                             rtol=1e-4, atol=1e-4)

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 PADDING_MODES = ("zeros", "border")
-# The batch is split into about this many chunks (see _chunk_size).
+# The batch is split into about this many chunks (see _chunk_size); >= 2, so
+# any batch of 2 or more runs as a loop.
 _CHUNKS = 8
 # Corner offsets (dy, dx), in torch's order: nw, ne, sw, se.
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -98,8 +99,7 @@ def _chunk_size(b: int) -> int:
   the backbone's output (0.75 s at batch 64). Chunks also keep the
   backward's (chunk, points, channels) temporaries in cache.
   """
-  limit = max(1, -(-b // _CHUNKS))
-  return max(d for d in range(1, limit + 1) if b % d == 0 and (d < b or b == 1))
+  return max(d for d in range(1, -(-b // _CHUNKS) + 1) if b % d == 0)
 
 
 def _over_batch_chunks(fn, chunk: int, *arrays):
