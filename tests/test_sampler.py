@@ -60,7 +60,7 @@ def test_values_and_gradients_match_torch(padding_mode, hw):
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_batch_chunked_backward_matches_torch(padding_mode, monkeypatch):
-  # The forward and the backward run over chunks of the batch; force 3 chunks.
+  # The backward runs over chunks of the batch; force 3 chunks.
   rng = np.random.default_rng(1)
   b, h, w, c, n = 6, 7, 5, 3, 8
   fmap = rng.normal(size=(b, h, w, c)).astype(np.float32)

@@ -24,6 +24,7 @@ from contextpose_jax.models import HRNET_WIDTHS
 from contextpose_jax.models import cpn
 from contextpose_jax.models import folding
 from contextpose_jax.models import hrnet
+from contextpose_jax.models import materialize
 from contextpose_jax.models import torch_import
 from contextpose_jax.models.lifter import Lifter
 
@@ -50,7 +51,9 @@ class CAPF(nn.Module):
   def features(self, images, train: bool = False):
     """The four backbone maps (NHWC, at least float32) handed to the lifter."""
     maps = self.backbone(images, train=train and self.train_backbone)
-    maps = [_at_least_f32(m) for m in maps]
+    # Written to memory once: XLA:CPU would otherwise fuse each map's producer
+    # into every corner gather of every sampler call (materialize.py).
+    maps = [materialize.materialized(_at_least_f32(m)) for m in maps]
     if not self.train_backbone:
       maps = [jax.lax.stop_gradient(m) for m in maps]
     return maps

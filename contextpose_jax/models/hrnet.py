@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from contextpose_jax.models import materialize
 from contextpose_jax.models import torch_import
 
 # COCO checkpoints carry the heatmap head; a backbone built without it
@@ -79,27 +80,6 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
-def _materialized(x):
-  """``x`` itself; on CPU through an identity 1x1 convolution (exact: fp32 and
-  bf16 CPU convolutions multiply by 1 exactly).
-
-  Why: XLA:CPU duplicates cheap elementwise producers into every fusible
-  consumer. A block's output (bias + residual + ReLU) feeds the next conv
-  (materialized) and the next residual add (fused), so each later fusion
-  recomputed branch 0's whole residual stream from stage 2 on, re-reading
-  every earlier conv output (up to 255 operands at the last): quadratic
-  memory traffic, seconds of a batch-64 training step. A convolution is never
-  fused: applied to each module's fused outputs it cuts the chain into
-  per-module pieces, for about 1% more FLOPs. Only on CPU: elsewhere a
-  default-precision convolution may round (TF32).
-  """
-  if jax.default_backend() != "cpu":
-    return x
-  eye = jnp.eye(x.shape[-1], dtype=x.dtype)[None, None]
-  return jax.lax.conv_general_dilated(x, eye, (1, 1), "VALID",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _upsample_nearest(x, factor: int):
   """torch ``nn.Upsample(scale_factor=factor, mode='nearest')`` on NHWC."""
   return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
@@ -145,7 +125,10 @@ class HighResolutionModule(nn.Module):
             if not last:
               z = nn.relu(z)
         y = z if y is None else y + z
-      fused.append(_materialized(nn.relu(y)))
+      # Through an identity conv: XLA:CPU would otherwise fuse each block's
+      # output into every later fusion and recompute branch 0's whole residual
+      # stream there (materialize.py).
+      fused.append(materialize.through_identity_conv(nn.relu(y)))
     return branches, fused
 
 

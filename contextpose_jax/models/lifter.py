@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from contextpose_jax.models import materialize
 from contextpose_jax.models import matmul_precision
 from contextpose_jax.models.sampler import grid_sample
 
@@ -182,7 +183,7 @@ class Block(nn.Module):
     y = LayerNorm(TRANSFORMER_LN_EPS, "norm2", self.dtype)(x)
     y = Mlp(int(dim * self.mlp_ratio), self.drop, self.dtype, self.precision,
             name="mlp")(y, deterministic)
-    return x + drop_path(y, deterministic)
+    return materialize.materialized(x + drop_path(y, deterministic))
 
 
 def _offset_bias_init(num_heads: int, num_samples: int):
@@ -246,7 +247,7 @@ class DeformableBlock(nn.Module):
     y = LayerNorm(TORCH_LN_EPS, "norm2", self.dtype)(x)
     x = x + drop_path(Mlp(int(c * self.mlp_ratio), 0.0, self.dtype, self.precision,
                           name="mlp")(y, deterministic), deterministic)
-    return jnp.concatenate([x_0, x], axis=1)
+    return materialize.materialized(jnp.concatenate([x_0, x], axis=1))
 
 
 class Lifter(nn.Module):

@@ -14,17 +14,19 @@ HRNet-W32 maps; ``python -m benchmarks.speed --rows=sampler``):
 - Forward: one row gather of the flattened (B*H*W, C) map per corner, blended
   in the same fusion, so only the output is written. A single gather of all
   4 corners followed by a weighted reduction (or an einsum over the corner
-  axis) materialises 4x the output and was 7x slower.
+  axis) materialises 4x the output and was 7x slower. No loop: a map whose
+  producer is cheap elementwise work must be materialized by its caller, or
+  XLA fuses that producer into every gather (``CAPF.features`` does it, see
+  materialize.py); a loop over the batch did the same job but cost 40% of
+  the sampler's own time.
 - Backward: memory traffic, not arithmetic, is the cost. Differentiating the
   gathers materialises (B, N, 4, C) updates and gathered rows -- tens of MB
   of fresh buffers per call, on the 16x12 and 8x6 maps 5-10x slower than
   the work itself. The custom VJP recomputes the corners (no big residuals)
-  and runs the backward over chunks of the batch, so its temporaries stay in
-  cache: the map gradient is one scatter-add over the combined corner indices,
-  the point gradient is analytic from the 4 corner rows.
-- Both run over the same chunks of the batch (``_chunk_size``): inside a
-  model the loop is what keeps XLA from fusing the backbone's output into
-  the gathers (see there).
+  and runs the backward over chunks of the batch (``_chunk_size``), so its
+  temporaries stay in cache: the map gradient is one scatter-add over the
+  combined corner indices, the point gradient is analytic from the 4 corner
+  rows.
 """
 from __future__ import annotations
 
@@ -34,8 +36,7 @@ import jax
 import jax.numpy as jnp
 
 PADDING_MODES = ("zeros", "border")
-# The batch is split into about this many chunks (see _chunk_size); >= 2, so
-# any batch of 2 or more runs as a loop.
+# The backward splits the batch into about this many chunks (_chunk_size).
 _CHUNKS = 8
 # Corner offsets (dy, dx), in torch's order: nw, ne, sw, se.
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -85,20 +86,9 @@ def _rows(flat_map, row):
 
 
 def _chunk_size(b: int) -> int:
-  """Examples per chunk: the largest divisor of ``b`` up to ``b / _CHUNKS``.
-
-  Why a loop at all, in the forward too: without one, XLA fuses the map's
-  producer (a backbone's last adds, upsamplings and folded BatchNorms) into
-  every corner's gather of every sampler call, recomputing it per gathered
-  row (80 ms of a 950 ms HRNet-W32 forward at batch 8). In a loop the map is
-  a parameter of the body, read where it lies. (``optimization_barrier``
-  does not help: XLA:CPU removes it before fusion.) Why a function of the
-  batch alone: every call on a map (the reference sampling, each deformable
-  block, forward and backward) then splits it alike, so XLA materializes it
-  once; two split shapes cost the training step a second materialization of
-  the backbone's output (0.75 s at batch 64). Chunks also keep the
-  backward's (chunk, points, channels) temporaries in cache.
-  """
+  """Examples per backward chunk: the largest divisor of ``b`` up to
+  ``b / _CHUNKS``, so the (chunk, points, channels) temporaries stay in cache
+  and every chunk has the same shape (one loop body)."""
   return max(d for d in range(1, -(-b // _CHUNKS) + 1) if b % d == 0)
 
 
@@ -113,7 +103,7 @@ def _over_batch_chunks(fn, chunk: int, *arrays):
 
 
 def _blend(padding_mode, feature_map, coords):
-  """The forward for one chunk: 4 corner gathers blended in one fusion."""
+  """The forward: 4 corner gathers blended in one fusion."""
   b, h, w, c = feature_map.shape
   fx, fy, corners = _corners(coords, h, w, padding_mode)
   flat_map = feature_map.reshape(b * h * w, c)
@@ -128,8 +118,7 @@ def _blend(padding_mode, feature_map, coords):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _sample(feature_map, coords, padding_mode):
-  return _over_batch_chunks(functools.partial(_blend, padding_mode),
-                            _chunk_size(coords.shape[0]), feature_map, coords)
+  return _blend(padding_mode, feature_map, coords)
 
 
 def _sample_fwd(feature_map, coords, padding_mode):
