@@ -385,6 +385,7 @@ def lifter_train_workload(backbone: str, batch: int, *, embed_dim: int = 128, de
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import compiler_options  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models import torch_import  # pylint: disable=g-import-not-at-top
   from contextpose_jax.models.lifter import Lifter  # pylint: disable=g-import-not-at-top
   from torch_reference import capf as ref_capf
@@ -420,7 +421,7 @@ def lifter_train_workload(backbone: str, batch: int, *, embed_dim: int = 128, de
                         rngs={"dropout": key})
     return jnp.mean(jnp.linalg.norm(pred[:, 0] - target, axis=-1))
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(compiler_options.jit, donate_argnums=(0, 1))
   def step(p, opt_state, key, feats, kp2d, ref, target):
     key, sub = jax.random.split(key)
     loss, grads = jax.value_and_grad(loss_fn)(p, feats, kp2d, ref, target, sub)

@@ -10,6 +10,7 @@ from contextpose_jax import steps
 from contextpose_jax.api import Predictor
 from contextpose_jax.models import capf
 from contextpose_jax.models import materialize
+from contextpose_jax.models.lifter import Lifter
 from contextpose_jax.models.sampler import grid_sample
 
 TINY_BACKBONE = dict(width=4, stage_modules=(1, 1, 1), num_blocks=1, stem_channels=8,
@@ -82,3 +83,21 @@ def test_no_backbone_op_is_fused_into_the_lifters_gathers():
   assert len(gathering) >= 4 * (1 + cfg.depth)  # reference + deformable sampling
   for body in gathering:
     assert "/backbone/" not in body, body[:2000]
+
+
+def _largest_fusion(hlo: str) -> int:
+  return max(len(re.findall(r"%[\w.\-]+", m.group(1)))
+             for m in re.finditer(r" fusion\(([^)]*)\)", hlo))
+
+
+def test_the_lifters_residual_stream_is_not_recomputed_in_later_fusions():
+  # Without the per-block barriers (forward and cotangent) the largest fusion
+  # of this gradient program reads 159 buffers: every earlier block's outputs,
+  # re-added in every later fusion. With them it stays a block's worth.
+  lifter = Lifter(embed_dim=16, depth=4, num_heads=2, drop_path_rate=0.0)
+  rng = np.random.default_rng(3)
+  feats = [rng.normal(size=(2, 8, 6, 4)).astype(np.float32) for _ in range(4)]
+  kp2d = rng.uniform(-0.5, 0.5, (2, 17, 2)).astype(np.float32)
+  variables = lifter.init(jax.random.PRNGKey(0), kp2d, kp2d, feats)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(lifter.apply(v, kp2d, kp2d, feats) ** 2)))
+  assert _largest_fusion(grad.lower(variables).compile().as_text()) <= 32

@@ -4,8 +4,9 @@ XLA:CPU duplicates cheap elementwise producers into every fusible consumer.
 That is right for one consumer and badly wrong for some of ours: a feature
 map's producer (a backbone's last residual adds, upsamplings, BatchNorm
 biases) fused into every corner gather of every sampler call is recomputed per
-gathered row, and HRNet's residual stream fused into every later block re-reads
-every earlier conv output. ``optimization_barrier`` does not stop it (XLA:CPU
+gathered row, and a residual stream (HRNet's branches, the lifter's blocks,
+and the lifter's cotangents in the backward) fused into every later block
+re-reads every earlier block's outputs: quadratic memory traffic. ``optimization_barrier`` does not stop it (XLA:CPU
 removes it before fusion), nor does a divide by a runtime 1 (rewritten to a
 multiply). Two constructs do, both exact:
 

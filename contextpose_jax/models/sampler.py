@@ -35,6 +35,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from contextpose_jax.models import materialize
+
 PADDING_MODES = ("zeros", "border")
 # The backward splits the batch into about this many chunks (_chunk_size).
 _CHUNKS = 8
@@ -118,7 +120,9 @@ def _blend(padding_mode, feature_map, coords):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _sample(feature_map, coords, padding_mode):
-  return _blend(padding_mode, feature_map, coords)
+  # The points written once as well: fused into the gathers, their producer
+  # (the deformable offsets' tanh, ...) is recomputed for every channel.
+  return _blend(padding_mode, feature_map, materialize.materialized(coords))
 
 
 def _sample_fwd(feature_map, coords, padding_mode):
