@@ -183,6 +183,9 @@ class Block(nn.Module):
     y = LayerNorm(TRANSFORMER_LN_EPS, "norm2", self.dtype)(x)
     y = Mlp(int(dim * self.mlp_ratio), self.drop, self.dtype, self.precision,
             name="mlp")(y, deterministic)
+    # Written once (and its cotangent): XLA:CPU would fuse the residual
+    # stream into every later block's fusions and re-read every earlier
+    # block's outputs there (materialize.py).
     return materialize.materialized(x + drop_path(y, deterministic))
 
 
@@ -247,7 +250,7 @@ class DeformableBlock(nn.Module):
     y = LayerNorm(TORCH_LN_EPS, "norm2", self.dtype)(x)
     x = x + drop_path(Mlp(int(c * self.mlp_ratio), 0.0, self.dtype, self.precision,
                           name="mlp")(y, deterministic), deterministic)
-    return materialize.materialized(jnp.concatenate([x_0, x], axis=1))
+    return materialize.materialized(jnp.concatenate([x_0, x], axis=1))  # as in Block
 
 
 class Lifter(nn.Module):
