@@ -20,7 +20,7 @@ import jax
 # less the convolutions. Per-program options take full enum names, comma
 # separated (XLA_FLAGS' '-individual_convolution' form is refused here).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def for_platform(platform: str) -> dict[str, str]:

@@ -6,9 +6,10 @@ map's producer (a backbone's last residual adds, upsamplings, BatchNorm
 biases) fused into every corner gather of every sampler call is recomputed per
 gathered row, and a residual stream (HRNet's branches, the lifter's blocks,
 and the lifter's cotangents in the backward) fused into every later block
-re-reads every earlier block's outputs: quadratic memory traffic. ``optimization_barrier`` does not stop it (XLA:CPU
-removes it before fusion), nor does a divide by a runtime 1 (rewritten to a
-multiply). Two constructs do, both exact:
+re-reads every earlier block's outputs: quadratic memory traffic.
+``optimization_barrier`` does not stop it (XLA:CPU removes it before fusion),
+nor does a divide by a runtime 1 (rewritten to a multiply). Two constructs
+do, both exact:
 
 - ``through_identity_conv``: a 1x1 convolution by the identity. Convolutions
   are never fused; it costs C^2 multiply-adds per pixel, so it suits narrow
