@@ -4,11 +4,11 @@ XLA:CPU hands convolutions to YNNPACK by default. On CA-PF's convolutions
 (HRNet's and CPN's 3x3 and strided convs, NHWC, batch 1-64) that path ran
 1.2-2x slower than XLA's own Eigen convolutions on a 2-core AVX-512 CPU, in
 float32 and in bfloat16, and 1.2-2.4x slower on 5 or 6 of the 6 shapes
-(two runs) on a 2-core AVX2 one (``python -m benchmarks.speed --rows=conv`` measures both), so the
-backbone's programs turn it off. Dots keep the default: there
-the two paths were level. Options apply per program, not process-wide: JAX
-code of the user's own is left as it is, and the persistent compilation cache
-keys on them. Other platforms get no options.
+(two runs) on a 2-core AVX2 one (``python -m benchmarks.speed --rows=conv``
+measures both), so the backbone's programs turn it off. Dots keep the
+default: there the two paths were level. Options apply per program, not
+process-wide: JAX code of the user's own is left as it is, and the
+persistent compilation cache keys on them. Other platforms get no options.
 """
 from __future__ import annotations
 
