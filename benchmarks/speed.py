@@ -22,6 +22,9 @@ implementations of a row group are timed interleaved (a round calls each once):
               train mode, MPJPE, backward, AdamW), batch ``--train_step_batch``;
   train       one lifter-only train step, features precomputed: jitted
               value_and_grad + optax AdamW vs torch backward + AdamW;
+  blocks      forward + backward of one per-joint and one across-joint
+              transformer block of that step's lifter, batch ``--train_batch``
+              (where the train row's time goes);
   sampler     the context sampler alone: our ``grid_sample`` (custom VJP) vs
               ``jax.scipy.ndimage.map_coordinates`` vs torch ``F.grid_sample``,
               forward and forward + backward;
@@ -61,7 +64,8 @@ import numpy as np
 from contextpose_jax import cli
 from contextpose_jax.models import BACKBONES
 
-ALL_ROWS = ("model", "train_step", "train", "sampler", "conv", "compile", "pipeline")
+ALL_ROWS = ("model", "train_step", "train", "blocks", "sampler", "conv", "compile",
+            "pipeline")
 
 
 # ----------------------------------------------------------------------------
@@ -468,6 +472,76 @@ def lifter_train_workload(backbone: str, batch: int, *, embed_dim: int = 128, de
                   {"jax fp32": jax_call, "torch fp32": torch_call}, "torch fp32", compare,
                   comparable=drop_path_rate == 0.0, extras={"initial_params": params},
                   kind="train", backbone=backbone)
+
+
+# The lifter's two transformer stacks, as the lifter-only step runs them at
+# batch B: tokens per row, width (5 levels x 128 channels).
+BLOCK_STACKS = {"per-joint": lambda b, levels, c: (b * 17, levels, c),
+                "across-joint": lambda b, levels, c: (b, 17, levels * c)}
+
+
+def lifter_block_workload(stack: str, batch: int, *, embed_dim: int = 128, levels: int = 5,
+                          num_heads: int = 8, seed: int = 0) -> Workload:
+  """Forward + backward of ONE lifter transformer block (to its weights and
+  its input), the shape the lifter-only step's ``stack`` blocks see at
+  ``batch``: where the lifter-only row's time goes, block by block.
+
+  JAX: ``lifter.Block`` under ``jax.grad``, compiled with the production
+  options; torch: the reference ``_Block``'s ``backward()``. Same weights, drop
+  path off, the same cotangent; the outputs compared are the input gradient
+  and the weight gradients (in the JAX layout).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import compiler_options  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models import torch_import  # pylint: disable=g-import-not-at-top
+  from contextpose_jax.models.lifter import Block  # pylint: disable=g-import-not-at-top
+  from torch_reference.common import randomize_, state_dict_numpy
+  from torch_reference.lifter import _Block
+
+  shape = BLOCK_STACKS[stack](batch, levels, embed_dim)
+  torch.manual_seed(seed)
+  torch_block = randomize_(_Block(shape[-1], num_heads, 2.0, 0.0), seed)
+  block = Block(num_heads, 2.0, drop_path=0.0)
+  rng = np.random.default_rng(seed + 5)
+  x, cotangent = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
+  target_shapes = jax.eval_shape(functools.partial(block.init, deterministic=True),
+                                 jax.random.PRNGKey(0), x)
+
+  def to_jax_layout(state_dict, source):
+    return torch_import.convert_state_dict(state_dict, target_shapes, source=source)["params"]
+  params = to_jax_layout(state_dict_numpy(torch_block), "random block")
+
+  def objective(p, x):
+    return jnp.sum(block.apply({"params": p}, x, deterministic=True) * cotangent)
+  grad = compiler_options.jit(jax.grad(objective, argnums=(0, 1)))
+  j_params, j_x = jax.device_put(params), jax.device_put(x)
+
+  def jax_call():
+    return jax.block_until_ready(grad(j_params, j_x))
+
+  device = _torch_device()
+  torch_block = torch_block.to(device)
+  t_x = torch.tensor(x, device=device)
+  t_cot = torch.tensor(cotangent, device=device)
+
+  def torch_call():
+    torch_block.zero_grad(set_to_none=True)
+    t_in = t_x.detach().requires_grad_()
+    (torch_block(t_in) * t_cot).sum().backward()
+    _torch_sync()
+    grads = {k: p.grad for k, p in torch_block.named_parameters()}
+    return to_jax_layout(torch_import.to_numpy(grads), "torch block gradients"), t_in.grad
+
+  def compare(out):
+    param_grads, x_grad = out
+    return [np.asarray(x_grad.cpu() if hasattr(x_grad, "cpu") else x_grad)] + [
+        np.asarray(g) for g in jax.tree.leaves(param_grads)]
+
+  return Workload(f"lifter {stack} block fwd+bwd, {shape} tokens (batch {batch})", batch,
+                  "examples/s", {"jax fp32": jax_call, "torch fp32": torch_call},
+                  "torch fp32", compare, kind="block")
 
 
 def comparable_weights(params) -> list[np.ndarray]:
@@ -1055,6 +1129,11 @@ def run(args, log=print) -> tuple[list[Row], dict]:
     for backbone in args.backbones:
       rows += run_workload(lifter_train_workload(backbone, args.train_batch,
                                                  **kwargs(backbone)), **timing)
+  if "blocks" in args.rows:
+    block_size = dict(embed_dim=args.model_kwargs.get("embed_dim", 128))
+    for stack in BLOCK_STACKS:
+      rows += run_workload(lifter_block_workload(stack, args.train_batch, **block_size),
+                           **timing)
   if "sampler" in args.rows:
     for backward in (False, True):
       rows += run_workload(sampler_workload(

@@ -135,6 +135,20 @@ def test_lifter_train_step_matches_torch_adamw():
       "hrnet_32", 3, embed_dim=32, depth=1, backbone_kwargs=SMALL["hrnet_32"]).comparable
 
 
+@pytest.mark.parametrize("stack", ["per-joint", "across-joint"])
+def test_block_rows_agree_with_torch(stack):
+  # One lifter block forward + backward: the input and weight gradients of
+  # ours and of the torch reference block, from the same weights.
+  work = benchmark.lifter_block_workload(stack, 2, embed_dim=16, num_heads=4)
+  rows = {r.impl: r for r in benchmark.run_workload(work, warmup=0, repeats=1)}
+  assert rows["torch fp32"].reference and rows["torch fp32"].kind == "block"
+  want = work.outputs["torch fp32"]
+  assert want[0].shape == benchmark.BLOCK_STACKS[stack](2, 5, 16)
+  assert len(want) == 13  # the input + 12 weight gradients (2 LayerNorms, 4 linears)
+  for got, ref in zip(work.outputs["jax fp32"], want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("backward", [False, True])
 def test_three_samplers_agree(backward):
   work = benchmark.sampler_workload("hrnet_32", 2, backward=backward, points_per_joint=4,
