@@ -43,6 +43,8 @@ fp32 row is measured against too; others: from the torch row; train rows with
 drop path on: none, the frameworks draw different masks). The output ends with
 issue #9's targets marked met / not met. Weights are random (official layouts,
 BatchNorm statistics calibrated): speed does not depend on their values.
+``--host_malloc`` (default off: the reference runs as the official code does)
+sets ``contextpose_jax.host_memory`` for the whole process, both frameworks.
 Results and the command of the reference run: docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -62,6 +64,7 @@ from absl import flags
 import numpy as np
 
 from contextpose_jax import cli
+from contextpose_jax import host_memory
 from contextpose_jax.models import BACKBONES
 
 ALL_ROWS = ("model", "train_step", "train", "blocks", "sampler", "conv", "compile",
@@ -966,7 +969,7 @@ def machine_info() -> dict:
 def format_header(command: str, info: dict) -> str:
   """The table's header: command, machine, date and ``uptime`` at start and end."""
   keys = ("cpu", "cpu_count", "jax", "torch", "python", "OMP_WAIT_POLICY", "XLA_FLAGS",
-          "compilation_cache")
+          "compilation_cache", "host_malloc")
   return "\n".join([
       "```bash", command, "```", "",
       "Machine: " + "; ".join(f"{k}: {info[k]}" for k in keys if k in info) + ".",
@@ -1033,6 +1036,12 @@ flags.DEFINE_string("compilation_cache", None,
                     "persistent JAX compilation cache directory of this process "
                     "(default: contextpose_jax.compile_cache's; 'off': none). The "
                     "compile rows use their own fresh directory", flag_values=_FLAGS)
+flags.DEFINE_enum("host_malloc", "off", host_memory.SETTINGS,
+                  "contextpose_jax.host_memory's glibc malloc settings for this "
+                  "process, torch's calls included. Off by default: the PyTorch "
+                  "reference is timed as the official model runs (glibc's defaults); "
+                  "'on' times both frameworks with them (docs/benchmarks.md, Host memory)",
+                  flag_values=_FLAGS)
 flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ("PASSIVE", "ACTIVE", "unset"),
                   "OMP_WAIT_POLICY for torch (set before torch starts). PASSIVE by "
                   "default: torch's OpenMP threads spin-waiting at every op's barrier "
@@ -1090,6 +1099,8 @@ def parse_args(argv):
 
 
 def run(args, log=print) -> tuple[list[Row], dict]:
+  # First: malloc's arenas are chosen by each thread at its first allocation.
+  host_malloc = host_memory.configure(args.host_malloc) or host_memory.applied()
   import torch  # pylint: disable=g-import-not-at-top
   from contextpose_jax import compile_cache  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
@@ -1097,6 +1108,7 @@ def run(args, log=print) -> tuple[list[Row], dict]:
   cache_dir = compile_cache.enable(args.compilation_cache or "default")
   info = machine_info()
   info["compilation_cache"] = cache_dir
+  info["host_malloc"] = "on" if host_malloc else "off"
   log(json.dumps(info))
   timing = dict(warmup=args.warmup, repeats=args.repeats, log=log)
   tiny = bool(args.tiny)

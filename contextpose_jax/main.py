@@ -27,6 +27,7 @@ from ml_collections import config_flags
 import configs
 from contextpose_jax import cli
 from contextpose_jax import compile_cache
+from contextpose_jax import host_memory
 
 # The configuration files shipped in the `configs` package (they import each
 # other as `configs.*`, so the package must be importable: from a checkout or
@@ -47,6 +48,10 @@ flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
 flags.DEFINE_string('compilation_cache', 'default',
                     "JAX's persistent compilation cache directory; 'default': "
                     '$CONTEXTPOSE_JAX_CACHE or ~/.cache/contextpose_jax/xla; off: off')
+flags.DEFINE_enum('host_malloc', None, host_memory.SETTINGS,
+                  'glibc malloc settings that spare XLA:CPU a page fault per touched '
+                  'page of its temporaries every step (contextpose_jax/host_memory.py); '
+                  'default: $CONTEXTPOSE_JAX_HOST_MALLOC, else auto (on for CPU-only JAX)')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -139,6 +144,10 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:  # first: it must precede the JAX backend's start
+    host_memory.configure(FLAGS.host_malloc)
+  except ValueError as e:  # a bad $CONTEXTPOSE_JAX_HOST_MALLOC
+    _fail(str(e))
   _init_distributed()
   compile_cache.enable(FLAGS.compilation_cache)
   # Imported after the distributed init (it must precede any JAX computation).

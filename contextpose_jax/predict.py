@@ -49,6 +49,7 @@ from contextpose_jax import cli
 from contextpose_jax import compile_cache
 from contextpose_jax import fileio
 from contextpose_jax import geometry
+from contextpose_jax import host_memory
 from contextpose_jax import image_io
 from contextpose_jax import skeleton
 from contextpose_jax import visualize
@@ -649,6 +650,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("compilation_cache", "default", "JAX's persistent compilation cache "
                       "directory; 'default': $CONTEXTPOSE_JAX_CACHE or "
                       "~/.cache/contextpose_jax/xla; off: off", **d)
+  flags.DEFINE_enum("host_malloc", None, host_memory.SETTINGS, "glibc malloc settings "
+                    "for XLA:CPU's per-run temporaries (contextpose_jax/host_memory.py); "
+                    "default: $CONTEXTPOSE_JAX_HOST_MALLOC, else auto", **d)
 
 
 _define_flags(_FLAGS)
@@ -842,6 +846,10 @@ def main(argv: Sequence[str] | None = None, *, detector=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args = parse_flags(argv)
+    try:  # before the JAX backend starts
+      host_memory.configure(args.host_malloc)
+    except ValueError as e:  # a bad $CONTEXTPOSE_JAX_HOST_MALLOC
+      raise InputError(str(e)) from None
     compile_cache.enable(args.compilation_cache)
     out = run(args, detector=detector)
   except cli.Exit as e:  # --help (0), or a flag error already printed as one line
