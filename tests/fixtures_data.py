@@ -23,16 +23,25 @@ import cv2
 import numpy as np
 import pytest
 
-MIRROR = '/work/.mirror/QitaoZhao+ContextAware-PoseFormer/repo'
+# A bare (or full) git clone of QitaoZhao/ContextAware-PoseFormer; the tests
+# that run the official code itself as the reference skip without one.
+MIRROR = os.environ.get('CONTEXTPOSE_JAX_OFFICIAL_REPO',
+                        '/work/.mirror/QitaoZhao+ContextAware-PoseFormer/repo')
 H36M_JOINT_IDX = [0, 1, 2, 3, 6, 7, 8, 12, 16, 14, 15, 17, 18, 19, 25, 26, 27]
+
+
+def official_bytes(path: str) -> bytes:
+  """A file of the official repository at HEAD (skips if no mirror)."""
+  if not os.path.isdir(MIRROR):
+    pytest.skip('official repository mirror not available '
+                '(set CONTEXTPOSE_JAX_OFFICIAL_REPO to a clone)')
+  return subprocess.run(['git', '-C', MIRROR, 'show', f'HEAD:{path}'],
+                        check=True, capture_output=True).stdout
 
 
 def official_source(path: str) -> str:
   """Text of a file of the official repository (skips if no mirror)."""
-  if not os.path.isdir(MIRROR):
-    pytest.skip('official repository mirror not available')
-  return subprocess.run(['git', '-C', MIRROR, 'show', f'HEAD:{path}'],
-                        check=True, capture_output=True, text=True).stdout
+  return official_bytes(path).decode('utf-8')
 
 
 def official_module(path: str, name: str) -> types.ModuleType:
@@ -211,9 +220,7 @@ def run_official_label_script(raw_root, work, subjects=(1, 9), actions=(2,)):
                'common/camera.py', 'common/utils.py', 'common/quaternion.py'):
     with open(os.path.join(work, name), 'w') as f:
       f.write(official_source(f'H36M-Toolbox/{name}'))
-  camera_pkl = subprocess.run(
-      ['git', '-C', MIRROR, 'show', 'HEAD:H36M-Toolbox/camera_data.pkl'],
-      check=True, capture_output=True).stdout
+  camera_pkl = official_bytes('H36M-Toolbox/camera_data.pkl')
   with open(os.path.join(work, 'camera_data.pkl'), 'wb') as f:
     f.write(camera_pkl)
   script = official_source('H36M-Toolbox/generate_labels_h36m.py')

@@ -130,11 +130,7 @@ def test_payload_in_camera_pickle_is_refused(tmp_path):
 
 def test_real_camera_pickle_loads():
   """H36M-Toolbox's own camera_data.pkl (numpy 1.x pickle) still loads."""
-  data = subprocess.run(
-      ['git', '-C', fixtures_data.MIRROR, 'show',
-       'HEAD:H36M-Toolbox/camera_data.pkl'], capture_output=True).stdout
-  if not data:
-    pytest.skip('official repository mirror not available')
+  data = fixtures_data.official_bytes('H36M-Toolbox/camera_data.pkl')
   restricted = safe_pickle.loads_from(io.BytesIO(data), 'camera_data.pkl')
   reference = pickle.loads(data)
   assert restricted.keys() == reference.keys()
