@@ -64,6 +64,7 @@ from absl import flags
 import numpy as np
 
 from contextpose_jax import cli
+from contextpose_jax import host_devices
 from contextpose_jax import host_memory
 from contextpose_jax.models import BACKBONES
 
@@ -975,7 +976,10 @@ def format_header(command: str, info: dict) -> str:
       "Machine: " + "; ".join(f"{k}: {info[k]}" for k in keys if k in info) + ".",
       f"Date: {info['date']} to {info.get('date_end', '?')}.",
       f"Load at start: `{info['uptime_start']}`",
-      f"Load at end: `{info.get('uptime_end', '?')}`"])
+      f"Load at end: `{info.get('uptime_end', '?')}`"]
+      + [f"Peak device memory: " + ", ".join(
+          f"{k} {v / 2**30:.2f} GiB" for k, v in info["peak_device_memory"].items())]
+      * bool(info.get("peak_device_memory")))
 
 
 # Small backbones and lifter for a smoke run of every row (--tiny).
@@ -1100,6 +1104,7 @@ def parse_args(argv):
 
 def run(args, log=print) -> tuple[list[Row], dict]:
   # First: malloc's arenas are chosen by each thread at its first allocation.
+  host_devices.skip_absent_backends()
   host_malloc = host_memory.configure(args.host_malloc) or host_memory.applied()
   import torch  # pylint: disable=g-import-not-at-top
   from contextpose_jax import compile_cache  # pylint: disable=g-import-not-at-top
@@ -1171,7 +1176,22 @@ def run(args, log=print) -> tuple[list[Row], dict]:
                     "grain + OpenCV", args.pipeline_batch, "examples/s", rate=rate,
                     kind="pipeline"))
   info["date_end"], info["uptime_end"] = _now(), _uptime()
+  info["peak_device_memory"] = peak_device_memory()
   return rows, info
+
+
+def peak_device_memory() -> dict[str, int]:
+  """Each framework's peak accelerator memory over the run (bytes; empty on
+  a CPU, where neither framework tracks it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  out = {}
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    out["jax"] = int(stats["peak_bytes_in_use"])
+  if torch.cuda.is_available():
+    out["torch"] = int(torch.cuda.max_memory_allocated())
+  return out
 
 
 def main(argv=None) -> int:

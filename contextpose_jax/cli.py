@@ -21,12 +21,20 @@ be imported in one process without duplicate-flag errors) and parses with
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
 from typing import Sequence
 
 from absl import flags
+
+import configs
+
+# The configuration files shipped in the `configs` package (they import each
+# other as `configs.*`, so the package must be importable: from a checkout or
+# after `pip install`).
+CONFIGS_DIR = os.path.dirname(os.path.abspath(configs.__file__))
 
 HELP = ('--help', '-h', '-?', '--helpfull', '--helpshort')
 
@@ -84,3 +92,17 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None,
 def values(flag_values: flags.FlagValues) -> types.SimpleNamespace:
   """The parsed flags as attributes (a mutable copy, like argparse's)."""
   return types.SimpleNamespace(**flag_values.flag_values_dict())
+
+
+def resolve_config_arg(argv: Sequence[str]) -> list[str]:
+  """`--config=configs/NAME.py` names the shipped config when no such file
+  exists relative to the working directory (e.g. after `pip install`)."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--config='):
+      path, sep, overrides = arg[len('--config='):].partition(':')
+      shipped = os.path.join(CONFIGS_DIR, os.path.basename(path))
+      if not os.path.exists(path) and os.path.isfile(shipped):
+        arg = f'--config={shipped}{sep}{overrides}'
+    out.append(arg)
+  return out

@@ -1,4 +1,11 @@
-"""XLA options for the model's compiled programs (``jit``).
+"""The platform a program is compiled for, and its XLA options (``jit``).
+
+A program's platform is that of the devices it is compiled for (its mesh),
+not the host's: a TPU or GPU program traced on a CPU host (ahead-of-time
+compilation, ``capf-compile``, or a CPU coordinator) must carry no CPU-only
+code. ``jit(fun, platform=...)`` traces ``fun`` with ``target_platform()``
+set to that platform; the model's CPU-only constructs (the fusion barriers of
+``models/materialize.py``) ask it, and the options below are chosen by it.
 
 XLA:CPU hands convolutions to YNNPACK by default. On CA-PF's convolutions
 (HRNet's and CPN's 3x3 and strided convs, NHWC, batch 1-64) that path ran
@@ -12,24 +19,73 @@ persistent compilation cache keys on them. Other platforms get no options.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import contextvars
+import functools
+from typing import Any, Callable, Iterator
 
 import jax
 
-# XLA's default YNNPACK list (jaxlib 0.10.2: dots, convolutions, reductions)
+# XLA's default YNNPACK list (jaxlib 0.10-0.12: dots, convolutions, reductions)
 # less the convolutions. Per-program options take full enum names, comma
 # separated (XLA_FLAGS' '-individual_convolution' form is refused here).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+# Device and lowering names of the same platforms.
+_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+_target = contextvars.ContextVar("contextpose_jax_target_platform", default=None)
+
+
+def canonical(platform: str) -> str:
+  """'cpu', 'gpu' or 'tpu' for a device's or a lowering's platform name."""
+  name = _ALIASES.get(platform.lower(), platform.lower())
+  if name not in PLATFORMS:
+    raise ValueError(f"unknown platform {platform!r}: expected one of {PLATFORMS + tuple(_ALIASES)}")
+  return name
+
+
+def of_devices(devices) -> str:
+  """The platform of ``devices`` (a mesh's, or any iterable of devices)."""
+  names = {canonical(d.platform) for d in devices}
+  if len(names) != 1:
+    raise ValueError(f"devices of several platforms in one program: {sorted(names)}")
+  return names.pop()
+
+
+def target_platform() -> str:
+  """The platform of the program being traced: the one ``jit`` (or
+  ``targeting``) set, else the platform of JAX's default device."""
+  return _target.get() or canonical(jax.default_backend())
+
+
+@contextlib.contextmanager
+def targeting(platform: str) -> Iterator[None]:
+  """Traces inside this block are for ``platform``."""
+  token = _target.set(canonical(platform))
+  try:
+    yield
+  finally:
+    _target.reset(token)
+
 
 def for_platform(platform: str) -> dict[str, str]:
   """The options for programs that run on ``platform`` ('cpu', 'gpu', 'tpu')."""
-  return dict(CPU_OPTIONS) if platform == "cpu" else {}
+  return dict(CPU_OPTIONS) if canonical(platform) == "cpu" else {}
 
 
 def jit(fun: Callable, *, platform: str | None = None, **jit_kwargs: Any):
-  """``jax.jit`` with the options of ``platform`` (default: JAX's default
-  backend; a mesh's programs pass its devices' platform)."""
-  options = for_platform(platform or jax.default_backend())
-  return jax.jit(fun, compiler_options=options or None, **jit_kwargs)
+  """``jax.jit`` of ``fun`` for ``platform`` (default: the default device's;
+  a mesh's programs pass ``of_devices(mesh.devices.flat)``): traced with
+  ``target_platform()`` set to it, compiled with its options."""
+  platform = canonical(platform or jax.default_backend())
+
+  @functools.wraps(fun)
+  def traced_for_platform(*args, **kwargs):
+    with targeting(platform):
+      return fun(*args, **kwargs)
+
+  return jax.jit(traced_for_platform, compiler_options=for_platform(platform) or None,
+                 **jit_kwargs)

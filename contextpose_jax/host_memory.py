@@ -22,7 +22,9 @@ called later, XLA's threads keep their arenas and most of the gain is lost.
 
 Only CPU-only processes are changed ('auto'): on a GPU or TPU host, XLA's
 temporaries live in device memory and one arena would only serialise the
-input pipeline's threads. Setting: `$CONTEXTPOSE_JAX_HOST_MALLOC` ('auto',
+input pipeline's threads. The devices attached decide, not the packages
+installed (`host_devices.cpu_only`): libtpu on a CPU host, installed to
+compile TPU programs, leaves the setting on. Setting: `$CONTEXTPOSE_JAX_HOST_MALLOC` ('auto',
 'on', 'off'), or `--host_malloc` on a command. glibc only (Linux); elsewhere
 it does nothing.
 """
@@ -30,12 +32,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.metadata
-import importlib.util
 import logging
 import os
-import pkgutil
 import sys
+
+from contextpose_jax import host_devices
 
 ENV = 'CONTEXTPOSE_JAX_HOST_MALLOC'
 SETTINGS = ('auto', 'on', 'off')
@@ -59,21 +60,6 @@ def _glibc():
     return None
 
 
-def cpu_only() -> bool:
-  """Whether JAX will run on the CPU alone, judged without starting it."""
-  platforms = os.environ.get('JAX_PLATFORMS') or os.environ.get('JAX_PLATFORM_NAME')
-  if platforms:
-    return {p.strip().lower() for p in platforms.split(',') if p.strip()} <= {'cpu'}
-  # JAX finds GPU plugins as `jax_plugins` modules or entry points, and TPUs
-  # through libtpu.
-  if importlib.metadata.entry_points(group='jax_plugins'):
-    return False
-  if importlib.util.find_spec('libtpu') is not None:
-    return False
-  spec = importlib.util.find_spec('jax_plugins')
-  return not (spec and any(pkgutil.iter_modules(spec.submodule_search_locations or [])))
-
-
 def resolve(setting: str | None = None) -> str:
   """'on' or 'off': `setting` ('auto', 'on', 'off'; None: the environment)."""
   value = (setting or os.environ.get(ENV) or 'auto').strip().lower()
@@ -81,7 +67,7 @@ def resolve(setting: str | None = None) -> str:
     source = f'${ENV}' if setting is None else '--host_malloc'
     raise ValueError(f'{source}: {value!r} is not one of {", ".join(SETTINGS)}')
   if value == 'auto':
-    value = 'on' if cpu_only() else 'off'
+    value = 'on' if host_devices.cpu_only() else 'off'
   return value
 
 

@@ -24,20 +24,15 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-import configs
 from contextpose_jax import cli
 from contextpose_jax import compile_cache
+from contextpose_jax import host_devices
 from contextpose_jax import host_memory
-
-# The configuration files shipped in the `configs` package (they import each
-# other as `configs.*`, so the package must be importable: from a checkout or
-# after `pip install`).
-CONFIGS_DIR = os.path.dirname(os.path.abspath(configs.__file__))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, eval.json.')
 config_flags.DEFINE_config_file(
-    'config', os.path.join(CONFIGS_DIR, 'synthetic.py'),
+    'config', os.path.join(cli.CONFIGS_DIR, 'synthetic.py'),
     'Training configuration file: a path, or the name of a shipped config '
     '(e.g. configs/h36m_hrnet32.py from any directory).', lock_config=True)
 flags.DEFINE_bool('jax_distributed', False,
@@ -144,6 +139,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  host_devices.skip_absent_backends()
   try:  # first: it must precede the JAX backend's start
     host_memory.configure(FLAGS.host_malloc)
   except ValueError as e:  # a bad $CONTEXTPOSE_JAX_HOST_MALLOC
@@ -182,24 +178,10 @@ def main(argv):
           'command to resume', status=130)
 
 
-def resolve_config_arg(argv):
-  """`--config=configs/NAME.py` names the shipped config when no such file
-  exists relative to the working directory (e.g. after `pip install`)."""
-  out = []
-  for arg in argv:
-    if arg.startswith('--config='):
-      path, sep, overrides = arg[len('--config='):].partition(':')
-      shipped = os.path.join(CONFIGS_DIR, os.path.basename(path))
-      if not os.path.exists(path) and os.path.isfile(shipped):
-        arg = f'--config={shipped}{sep}{overrides}'
-    out.append(arg)
-  return out
-
-
 def run():
   """Console-script entry point (`capf-train`) and `python main.py`."""
   sys.modules['__main__'].__doc__ = __doc__  # what absl prints for --help
-  app.run(main, argv=resolve_config_arg(sys.argv), flags_parser=parse_flags)
+  app.run(main, argv=cli.resolve_config_arg(sys.argv), flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

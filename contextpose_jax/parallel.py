@@ -13,6 +13,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from contextpose_jax import compiler_options
+
 DATA_AXIS = 'data'
 
 
@@ -30,8 +32,9 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def platform(mesh) -> str:
-  """'cpu', 'gpu' or 'tpu': where the mesh's programs run."""
-  return mesh.devices.flat[0].platform
+  """'cpu', 'gpu' or 'tpu': where the mesh's programs run (its devices decide,
+  also for compile-only devices of another platform than the host's)."""
+  return compiler_options.of_devices(mesh.devices.flat)
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -49,6 +49,7 @@ from contextpose_jax import cli
 from contextpose_jax import compile_cache
 from contextpose_jax import fileio
 from contextpose_jax import geometry
+from contextpose_jax import host_devices
 from contextpose_jax import host_memory
 from contextpose_jax import image_io
 from contextpose_jax import skeleton
@@ -846,6 +847,7 @@ def main(argv: Sequence[str] | None = None, *, detector=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args = parse_flags(argv)
+    host_devices.skip_absent_backends()
     try:  # before the JAX backend starts
       host_memory.configure(args.host_malloc)
     except ValueError as e:  # a bad $CONTEXTPOSE_JAX_HOST_MALLOC

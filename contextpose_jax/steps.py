@@ -216,19 +216,26 @@ def predict_step(variables, batch, *, model, dataset: str, flip_test: bool, fold
   return pred
 
 
-def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool, fold_batch_norm: bool = True):
+# The steps are compiled for their mesh's devices: their platform decides the
+# platform code (compiler_options.py). `platform` overrides it only to LOWER
+# for another platform than the mesh's (`aot`: CUDA without a CUDA plugin).
+
+
+def make_train_step(model, tx, lr_fn, mesh, train_backbone: bool, fold_batch_norm: bool = True,
+                    platform: str | None = None):
   pairs = capf.backbone_batch_norm_pairs(model) if fold_batch_norm and not train_backbone else ()
   step = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
                            train_backbone=train_backbone, fold_pairs=pairs)
   return compiler_options.jit(
-      step, platform=parallel.platform(mesh), donate_argnums=(0,),
+      step, platform=platform or parallel.platform(mesh), donate_argnums=(0,),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
 
 
-def make_predict_step(model, mesh, dataset: str, flip_test: bool, fold_batch_norm: bool = True):
+def make_predict_step(model, mesh, dataset: str, flip_test: bool, fold_batch_norm: bool = True,
+                      platform: str | None = None):
   """The jitted predict step; build it once per run (each call compiles anew)."""
   pairs = capf.backbone_batch_norm_pairs(model) if fold_batch_norm else ()
   step = functools.partial(predict_step, model=model, dataset=dataset, flip_test=flip_test,
                            fold_pairs=pairs)
-  return compiler_options.jit(step, platform=parallel.platform(mesh),
+  return compiler_options.jit(step, platform=platform or parallel.platform(mesh),
                               out_shardings=parallel.batch_sharding(mesh))

@@ -20,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from contextpose_jax import cli
+from contextpose_jax import host_devices
 from contextpose_jax import image_io
 from contextpose_jax import locking
 from data_prep import human36m
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
   except cli.Exit as e:
     return e.code
+  host_devices.skip_absent_backends()
   try:
     run(args)
   except (records.DataError, locking.LockHeldError,

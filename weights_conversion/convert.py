@@ -41,6 +41,7 @@ from absl import flags
 import numpy as np
 
 from contextpose_jax import cli
+from contextpose_jax import host_devices
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models import capf
 from contextpose_jax.models.torch_import import ConversionError
@@ -223,6 +224,7 @@ for _name in ("kind", "input", "output"):
 def main(argv=None) -> int:
   cli.parse(_FLAGS, argv, __doc__)
   args = _FLAGS
+  host_devices.skip_absent_backends()
   try:
     convert(args.kind, args.input, args.output, backbone=args.backbone, dataset=args.dataset)
   except (InputError, ConversionError, FileExistsError, ValueError) as e:

@@ -20,16 +20,20 @@ do, both exact:
   lies by every consumer of the loop's result; no arithmetic, no copy when the
   value has no other consumer.
 
-Both act on CPU only (``jax.default_backend()``); elsewhere they return ``x``.
+Both act only in programs compiled for a CPU
+(``compiler_options.target_platform()``, the platform of the program's
+devices, not the host's); in a GPU or TPU program they return ``x``.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from contextpose_jax import compiler_options
+
 
 def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu"
+  return compiler_options.target_platform() == "cpu"
 
 
 def through_identity_conv(x):
