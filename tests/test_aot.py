@@ -132,6 +132,25 @@ def test_precision_policy_reaches_the_lowered_program():
         assert set(convs) == {"f32"}, (name, collections.Counter(convs))
 
 
+def test_cost_and_roofline_match_closed_forms():
+  # XLA's cost analysis as aot reads it: a matmul's FLOPs are 2mnk; the
+  # estimate is the binding one of the compute and memory bounds.
+  m, n, k = 64, 48, 32
+  compiled = jax.jit(jnp.matmul).lower(jnp.zeros((m, k)), jnp.zeros((k, n))).compile()
+  cost = aot._cost(compiled)  # pylint: disable=protected-access
+  assert cost["flops"] == 2 * m * n * k
+  assert cost["bytes accessed"] >= 4 * (m * k + k * n + m * n)
+  chip = aot.Chip("test", 1 << 30, peak_flops=1e12, hbm_bandwidth=1e9)
+  target = aot.Target("t", "tpu", [], chip, num_devices=4, num_hosts=1)
+  for flops, nbytes, bound in ((1e9, 1e3, "compute"), (1e3, 1e9, "memory")):
+    report = aot.ProgramReport("p", 32, 0.0, flops, nbytes, 0, 0, 0, 0, None)
+    est = aot.estimate(report, target, 0.5)
+    seconds = max(flops / 0.5e12, nbytes / 0.5e9)
+    assert (est.step_seconds, est.bound) == (pytest.approx(seconds), bound)
+    assert est.examples_per_second == pytest.approx(32 / seconds)
+    assert est.epoch_seconds == pytest.approx(aot.H36M_TRAIN_FRAMES * seconds / 32)
+
+
 def test_topology_names():
   resolve = aot._topology  # pylint: disable=protected-access
   assert resolve("v5e-8") == ("v5e:2x4", (2, 4), {"chips_per_host_bounds": (2, 4, 1)})

@@ -217,30 +217,6 @@ def test_targets_marked_from_the_ratios():
   assert find("compilation", "first call 1.0 s")
 
 
-def test_on_paper_costs_match_closed_forms():
-  """XLA's cost analysis as the on-paper estimate reads it: a matmul's FLOPs
-  are 2mnk; the implied throughput is the binding one of the two bounds; the
-  production steps of a tiny model report positive per-example costs."""
-  import jax
-  import jax.numpy as jnp
-  from benchmarks import on_paper
-  m, n, k = 64, 48, 32
-  compiled = jax.jit(jnp.matmul).lower(jnp.zeros((m, k)), jnp.zeros((k, n))).compile()
-  flops, nbytes = on_paper.cost(compiled)
-  assert flops == 2 * m * n * k
-  assert nbytes >= 4 * (m * k + k * n + m * n)
-  peak = on_paper.H100['bf16']
-  compute_bound = on_paper.COMPUTE_FRACTION * peak / 1e9
-  memory_bound = on_paper.BANDWIDTH_FRACTION * on_paper.H100_BANDWIDTH / 1e6
-  assert on_paper.implied_throughput(1e9, 1e6, peak) == min(compute_bound, memory_bound)
-  costs = on_paper.step_costs('hrnet_32', 2, 2, embed_dim=16, depth=1,
-                              backbone_kwargs=dict(width=4, stage_modules=(1, 1, 1), num_blocks=1,
-                                                   stem_channels=8, layer1_blocks=1))
-  assert set(costs) == {'train step', 'predict (flip test)'}
-  assert all(f > 1e6 and b > 1e5 for f, b in costs.values())
-  assert 'GFLOP / example' in on_paper.table(costs)
-
-
 def _assert_same_first_adamw_step(work, got, want):
   """JAX's and torch's updated weights after one AdamW step agree.
 
