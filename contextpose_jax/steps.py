@@ -147,12 +147,15 @@ def mpjpe_loss(pred, target, mask=None):
   examples where `mask` (B,) is nonzero (all without one).
 
   With a mask this is the criterion of the real rows alone (the official
-  partial last batch); padding rows count in neither sum, whatever they hold.
+  partial last batch); padding rows count in neither sum, and their targets
+  are replaced by a finite stand-in, so whatever they hold (even NaN) gives
+  them a zero gradient.
   """
-  per_example = jnp.mean(jnp.linalg.norm(pred - target, axis=-1), axis=-1)
   if mask is None:
-    return jnp.mean(per_example)
+    return jnp.mean(jnp.linalg.norm(pred - target, axis=-1))
   real = mask > 0
+  target = jnp.where(real[:, None, None], target, jax.lax.stop_gradient(pred) + 1)
+  per_example = jnp.mean(jnp.linalg.norm(pred - target, axis=-1), axis=-1)
   return (jnp.sum(jnp.where(real, per_example, 0.0))
           / jnp.maximum(jnp.sum(real), 1).astype(per_example.dtype))
 

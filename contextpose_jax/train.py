@@ -4,8 +4,9 @@ The pieces live in their own modules: the device mesh (`parallel`), the train
 state and the pure step functions (`steps`), checkpoints (`checkpoints`), the
 evaluation and `eval.json` (`evaluate`), the input pipeline (`data.pipeline`)
 and the metric writers (`metric_writers`). This module wires them: resume,
-train with periodic evaluation, keep the best checkpoint by validation MPJPE,
-evaluate the best at the end.
+train with periodic evaluation, keep the best checkpoint by validation MPJPE
+(the official rule: `checkpoints.best_value`, strictly lower), evaluate the
+best at the end.
 
 Faults: the configuration is checked before any work (`config_validation`);
 the workdir is locked against a second run (`locking.DirLock`, process 0);
@@ -351,7 +352,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn, mesh)
         writer.write_scalars(done, {f'eval/{k}': result[k] for k in ('mpjpe', 'p_mpjpe', 'pck')
                                     if k in result})
-        if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch}):
+        if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch},
+                                config.model.dataset):
           best_eval = (done, result, preds)
         logging.info('epoch %d: val MPJPE %.2f mm (best %.2f)', epoch, result['mpjpe'],
                      ckpts.best_mpjpe())
