@@ -296,8 +296,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   ckpts = checkpoints.Checkpoints(workdir, config.max_checkpoints_to_keep)
   restored, meta = ckpts.restore_latest(state)
   if restored is not None:
-    check_resumable(config, meta, os.path.join(ckpts.latest.directory,
-                                               str(int(restored.step))), data_steps)
+    try:
+      check_resumable(config, meta, os.path.join(ckpts.latest.directory,
+                                                 str(int(restored.step))), data_steps)
+    except ResumeError:
+      ckpts.close()
+      raise
     state = jax.device_put(restored, parallel.replicated(mesh))
     logging.info('Resumed from %s at step %d', ckpts.latest.directory, int(state.step))
   start_step = int(state.step)
