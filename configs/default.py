@@ -71,7 +71,7 @@ def get_config():
   config.eps = 1e-8
   config.grad_clip_norm = 0.0  # 0 = off (the official default)
   config.num_epochs = 100  # the official loop runs until stopped (n_epochs 9999)
-  config.steps_per_epoch = -1  # -1: train examples // global batch
+  config.steps_per_epoch = -1  # -1: the official epoch, ceil(train examples / global batch)
 
   # --- evaluation ---
   config.flip_test = True

@@ -2,7 +2,9 @@
 
 A workdir holds `config.json`, `checkpoints/<step>/` (the full train state,
 for resuming) and `best/<step>/` (the model variables of the best validation
-MPJPE, kept by orbax's `best_fn`).
+MPJPE by the official rule, `best_value`: an evaluated state replaces the
+kept one only when its value is strictly lower, so of two epochs that tie the
+earlier stays).
 """
 from __future__ import annotations
 
@@ -25,6 +27,18 @@ LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
 
 
+def best_value(mpjpe: float, dataset: str) -> float:
+  """What the official code compares to pick its best epoch.
+
+  Human3.6M (`ContextPose/train.py`): validation P1 rounded to 0.1 mm, with
+  numpy's rounding of the float64 mean; MPI-INF-3DHP (`ContextPose_mpi/
+  run_3dhp.py`): P1 as it is. Either way a new best must be strictly lower.
+  """
+  if dataset == '3dhp':
+    return float(mpjpe)
+  return float(round(np.float64(mpjpe), 1))
+
+
 class Checkpoints:
   """Latest train state (resume) + best model variables (by val MPJPE)."""
 
@@ -33,8 +47,9 @@ class Checkpoints:
         os.path.join(os.path.abspath(workdir), LATEST_DIR),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=('state', 'meta'))
-    # Every evaluated state is offered; orbax keeps the one of lowest MPJPE.
-    # Synchronous: which step is best is read right after each save.
+    # Only a strictly better state is saved (`save_evaluated`); orbax keeps
+    # the one of lowest MPJPE, i.e. the last saved. Synchronous: which step is
+    # best is read right after each save.
     self.best = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), BEST_DIR),
         options=ocp.CheckpointManagerOptions(
@@ -50,12 +65,15 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
 
   def save_evaluated(self, state: steps.TrainState, mpjpe: float,
-                     meta: Mapping[str, Any]) -> bool:
-    """Offers an evaluated state as the best; True if it is the best so far."""
+                     meta: Mapping[str, Any], dataset: str = 'h36m') -> bool:
+    """Keeps an evaluated state if it is the best so far by the official rule
+    (`best_value` strictly lower than the kept one's); True if it was kept."""
     step = int(state.step)
     if step in self.best.all_steps():
       # Killed between saving best and latest: this epoch is being redone.
       self.best.delete(step)
+    if best_value(mpjpe, dataset) >= best_value(self.best_mpjpe(), dataset):
+      return False
     self.best.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(state.variables()),
         meta=ocp.args.JsonSave(dict(meta))), metrics={'mpjpe': float(mpjpe)}, force=True)

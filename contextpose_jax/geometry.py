@@ -26,24 +26,44 @@ CROP_SIZE = (skeleton.CROP_WIDTH, skeleton.CROP_HEIGHT)
 KEYPOINT_BOX_ENLARGE = 1.25
 
 
+def _pose_dtype(points) -> np.ndarray:
+  """float32 points stay float32 (the official label scripts keep the pose
+  file's dtype); anything else becomes float64."""
+  points = np.asarray(points)
+  return points if points.dtype == np.float32 else points.astype(np.float64)
+
+
 def weak_project(points_3d, fx, fy, cx, cy):
-  """Pinhole projection (no distortion) of (N, 3) camera-frame points."""
-  points_3d = np.asarray(points_3d, dtype=np.float64)
+  """Pinhole projection (no distortion) of (N, 3) camera-frame points.
+
+  The official order of operations, in place in the points' dtype: float32
+  points give float32 pixels, each product and sum rounded to float32 after
+  numpy's promotion of the intrinsics as passed (a Python float multiplies in
+  float32; a float64 value, like `camera_data.pkl`'s, in float64).
+  """
+  points_3d = _pose_dtype(points_3d)
   xy = points_3d[:, :2] / points_3d[:, 2:3]
-  return xy * np.asarray([fx, fy]) + np.asarray([cx, cy])
+  xy[:, 0] *= fx
+  xy[:, 1] *= fy
+  xy[:, 0] += cx
+  xy[:, 1] += cy
+  return xy
 
 
 def infer_box(root_mm, fx, fy, cx, cy):
-  """Box (x0, y0, x1, y1) in pixels around the root joint (millimetres)."""
-  root = np.asarray(root_mm, dtype=np.float64).reshape(3)
-  corners = np.stack([root + [-1000.0, -900.0, 0.0],
-                      root + [1000.0, 1100.0, 0.0]])
+  """Box (x0, y0, x1, y1) in pixels around the root joint (millimetres), in
+  the root's dtype (float32 or float64; see `weak_project`)."""
+  root = _pose_dtype(root_mm).reshape(3)
+  corners = np.stack([root + np.array([-1000.0, -900.0, 0.0], root.dtype),
+                      root + np.array([1000.0, 1100.0, 0.0], root.dtype)])
   (x0, y0), (x1, y1) = weak_project(corners, fx, fy, cx, cy)
   return np.array([x0, y0, x1, y1])
 
 
 def box_to_center_scale(box):
-  """The official (center, scale): scale is the box size in units of 200 px."""
+  """The official (center, scale): scale is the box size in units of 200 px,
+  by the official expressions on the box's own scalars (float32 boxes give
+  float32 values under numpy >= 2, as the official scripts do there)."""
   x0, y0, x1, y1 = box
   center = (0.5 * (x0 + x1), 0.5 * (y0 + y1))
   scale = ((x1 - x0) / 200.0, (y1 - y0) / 200.0)

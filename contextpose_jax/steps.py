@@ -142,9 +142,22 @@ def create_train_state(config, model, variables, tx) -> TrainState:
       nan_count=jnp.zeros((), jnp.int32))
 
 
-def mpjpe_loss(pred, target):
-  """Official `MPJPE` criterion: mean joint distance (metres)."""
-  return jnp.mean(jnp.linalg.norm(pred - target, axis=-1))
+def mpjpe_loss(pred, target, mask=None):
+  """Official `MPJPE` criterion: mean joint distance (metres), over the
+  examples where `mask` (B,) is nonzero (all without one).
+
+  With a mask this is the criterion of the real rows alone (the official
+  partial last batch); padding rows count in neither sum, and their targets
+  are replaced by a finite stand-in, so whatever they hold (even NaN) gives
+  them a zero gradient.
+  """
+  if mask is None:
+    return jnp.mean(jnp.linalg.norm(pred - target, axis=-1))
+  real = mask > 0
+  target = jnp.where(real[:, None, None], target, jax.lax.stop_gradient(pred) + 1)
+  per_example = jnp.mean(jnp.linalg.norm(pred - target, axis=-1), axis=-1)
+  return (jnp.sum(jnp.where(real, per_example, 0.0))
+          / jnp.maximum(jnp.sum(real), 1).astype(per_example.dtype))
 
 
 def _folded(model, variables, fold_pairs):
@@ -163,8 +176,17 @@ def _folded(model, variables, fold_pairs):
 
 def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bool,
                fold_pairs=()):
-  """One AdamW step on the global batch; a non-finite loss skips the update."""
+  """One AdamW step on the global batch; a non-finite loss skips the update.
+
+  `batch['mask']` (B,), where present, marks the real rows: the padding of an
+  epoch's partial last batch is out of the loss, hence of the gradient's
+  mean, the NaN check and the metrics, so the step is the official step on
+  the real rows alone. With `train_backbone`, BatchNorm's batch statistics
+  are the one exception: they are taken over all B rows (padding = copies of
+  real records; one step per epoch).
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  mask = batch.get('mask')
   frozen = {'params': state.frozen_params}
   if state.batch_stats:
     frozen['batch_stats'] = state.batch_stats
@@ -182,7 +204,7 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
     else:
       pred = model_apply(variables, *inputs, train=True, rngs={'dropout': dropout_rng})
       new_stats = state.batch_stats
-    loss = mpjpe_loss(pred[:, 0], batch['keypoints_3d'])
+    loss = mpjpe_loss(pred[:, 0], batch['keypoints_3d'], mask)
     return loss, new_stats
 
   (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -200,8 +222,11 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, train_backbone: bo
       opt_state=keep(new_opt_state, state.opt_state),
       batch_stats=keep(new_stats, state.batch_stats),
       nan_count=state.nan_count + (~ok).astype(jnp.int32))
+  examples = (jnp.sum(mask > 0) if mask is not None
+              else batch['keypoints_3d'].shape[0])
   metrics = {'loss': loss, 'learning_rate': lr, 'skipped': (~ok).astype(jnp.int32),
-             'grad_norm': optax.tree.norm(grads)}
+             'grad_norm': optax.tree.norm(grads),
+             'examples': jnp.asarray(examples, jnp.int32)}
   return new_state, metrics
 
 

@@ -4,8 +4,9 @@ The pieces live in their own modules: the device mesh (`parallel`), the train
 state and the pure step functions (`steps`), checkpoints (`checkpoints`), the
 evaluation and `eval.json` (`evaluate`), the input pipeline (`data.pipeline`)
 and the metric writers (`metric_writers`). This module wires them: resume,
-train with periodic evaluation, keep the best checkpoint by validation MPJPE,
-evaluate the best at the end.
+train with periodic evaluation, keep the best checkpoint by validation MPJPE
+(the official rule: `checkpoints.best_value`, strictly lower), evaluate the
+best at the end.
 
 Faults: the configuration is checked before any work (`config_validation`);
 the workdir is locked against a second run (`locking.DirLock`, process 0);
@@ -38,14 +39,41 @@ from contextpose_jax.data import pipeline
 from contextpose_jax.models import capf
 
 
+def data_epoch_steps(config) -> int:
+  """Steps of one pass over the training split: ceil(N / global batch), as
+  the official DataLoader (no `drop_last`) makes them; the last is partial."""
+  return pipeline.epoch_steps(pipeline.num_examples(config, config.data.train_split),
+                              config.data.batch_size)
+
+
 def steps_per_epoch(config) -> int:
+  """The loop's epoch (lr decay, evaluation): the official epoch, or
+  `config.steps_per_epoch` steps when that is set (> 0; the data then runs on
+  through its own epochs regardless)."""
   if config.steps_per_epoch > 0:
     return int(config.steps_per_epoch)
-  n = pipeline.num_examples(config, config.data.train_split) // config.data.batch_size
-  if n < 1:
-    raise ValueError(f'config.data.batch_size={config.data.batch_size} is larger than '
-                     f'the {config.data.name}/{config.data.train_split} split')
-  return n
+  return data_epoch_steps(config)
+
+
+class ResumeError(ValueError):
+  """A checkpoint this version cannot continue exactly (one line)."""
+
+
+def check_resumable(config, meta, directory: str, data_steps: int):
+  """An older checkpoint (written before epochs were the official ceil(N /
+  batch) steps, so without `epoch_steps` in its meta) continues exactly only
+  where both versions make the same batches: N a multiple of the global batch
+  and one process. Anywhere else: one clear error, no silent change."""
+  if meta is None or 'epoch_steps' in meta:
+    return
+  n = pipeline.num_examples(config, config.data.train_split)
+  if n % config.data.batch_size == 0 and jax.process_count() == 1:
+    return
+  raise ResumeError(
+      f'{directory} was written by an older version whose epochs dropped the last '
+      f'partial batch ({n // config.data.batch_size} steps per epoch, now the official '
+      f'{data_steps}); it cannot be continued exactly: start a new --workdir, or finish '
+      'it with the version that wrote it')
 
 
 def _write_config(config, workdir: str):
@@ -102,6 +130,11 @@ class Progress:
   def eta_seconds(self, step: int) -> float:
     per_eval = self.t_eval / self.evals_timed if self.evals_timed else 0.0
     return (self.num_steps - step) / max(self.rate or 0.0, 1e-9) + self.evals_left * per_eval
+
+
+def _weighted_loss(metrics) -> float:
+  n = np.array([x['examples'] for x in metrics], np.float64)
+  return float(np.sum(np.array([x['loss'] for x in metrics], np.float64) * n) / np.sum(n))
 
 
 def _format_eta(seconds: float) -> str:
@@ -226,14 +259,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train_and_evaluate(config, workdir)
 
 
-def _save_and_stop(ckpts, writer, state, step: int, guard: PreemptionGuard):
+def _latest_meta(state, step: int, data_steps: int) -> dict:
+  # `epoch_steps` marks the official-epoch layout (see `check_resumable`).
+  return {'step': step, 'nan_count': int(state.nan_count), 'epoch_steps': data_steps}
+
+
+def _save_and_stop(ckpts, writer, state, step: int, guard: PreemptionGuard,
+                   data_steps: int):
   """Commits the train state of `step`, then raises `Preempted`."""
   signum = guard.signum
   if guard.synced:
     logging.info('Preemption notice: every host saves step %d', step)
   else:
     logging.info('%s received: saving step %d', signal.Signals(signum).name, step)
-  ckpts.save_latest(state, {'step': step, 'nan_count': int(state.nan_count)})
+  ckpts.save_latest(state, _latest_meta(state, step, data_steps))
   ckpts.wait()
   ckpts.close()
   writer.close()
@@ -246,6 +285,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   _write_config(config, workdir)
   mesh = parallel.make_mesh()
   model = capf.build_model(config.model)
+  data_steps = data_epoch_steps(config)
   spe = steps_per_epoch(config)
   num_steps = spe * config.num_epochs
   lr_fn = steps.learning_rate_fn(config, spe)
@@ -254,8 +294,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   state = steps.create_train_state(config, model, initial_variables(config, model), tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpts = checkpoints.Checkpoints(workdir, config.max_checkpoints_to_keep)
-  restored, _ = ckpts.restore_latest(state)
+  restored, meta = ckpts.restore_latest(state)
   if restored is not None:
+    try:
+      check_resumable(config, meta, os.path.join(ckpts.latest.directory,
+                                                 str(int(restored.step))), data_steps)
+    except ResumeError:
+      ckpts.close()
+      raise
     state = jax.device_put(restored, parallel.replicated(mesh))
     logging.info('Resumed from %s at step %d', ckpts.latest.directory, int(state.step))
   start_step = int(state.step)
@@ -292,7 +338,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         m = jax.device_get(train_metrics)
         rate = progress.train_interval(done)
         writer.write_scalars(done, {
-            'train/loss_mm': 1000 * float(np.mean([x['loss'] for x in m])),
+            # Example-weighted, as the official epoch loss (a partial batch
+            # counts for its real rows).
+            'train/loss_mm': 1000 * _weighted_loss(m),
             'train/learning_rate': float(m[-1]['learning_rate']),
             'train/grad_norm': float(np.mean([x['grad_norm'] for x in m])),
             'train/nan_skipped_total': int(state.nan_count),
@@ -308,15 +356,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn, mesh)
         writer.write_scalars(done, {f'eval/{k}': result[k] for k in ('mpjpe', 'p_mpjpe', 'pck')
                                     if k in result})
-        if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch}):
+        if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch},
+                                config.model.dataset):
           best_eval = (done, result, preds)
         logging.info('epoch %d: val MPJPE %.2f mm (best %.2f)', epoch, result['mpjpe'],
                      ckpts.best_mpjpe())
         progress.evaluated(time.time() - t0)
       if done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps:
-        ckpts.save_latest(state, {'step': done, 'nan_count': int(state.nan_count)})
+        ckpts.save_latest(state, _latest_meta(state, done, data_steps))
       if guard.requested(done):  # every step: the multi-host sync point needs it
-        _save_and_stop(ckpts, writer, state, done, guard)
+        _save_and_stop(ckpts, writer, state, done, guard, data_steps)
   ckpts.wait()
   writer.flush()
 

@@ -13,7 +13,10 @@ Inputs under --manual_dir (H36M-Toolbox's layout):
 Per frame, as the official script: the 17 of 32 mocap joints, the box from
 the 3D root (2 m around it), its (center, scale), the CPN detections mapped
 into the crop with the official affine, the 2D normalised by the frame width
-and height, 3D in metres. A frame is labelled only if its image exists (JPEG
+and height, 3D in metres. The pose keeps the CDF file's dtype, as in the
+official script: float32 files give a float32 box, center and scale (the
+intrinsics multiply in float64, as `camera_data.pkl`'s arrays do, and each
+result is rounded to float32), float64 files float64 ones. A frame is labelled only if its image exists (JPEG
 tree) / the video has it; a video whose CPN detections are missing from the
 npz is skipped and does not advance `video_id` (the official counter).
 Reading the CDF files needs `cdflib` (pure Python, on PyPI).
@@ -58,7 +61,9 @@ def read_cdf_pose(path, width) -> np.ndarray:
   if not os.path.exists(path):
     raise records.DataError(f'missing pose file {path}')
   try:
-    pose = np.asarray(cdflib.CDF(path).varget('Pose'), dtype=np.float64)
+    pose = np.asarray(cdflib.CDF(path).varget('Pose'))
+    if pose.dtype != np.float32:
+      pose = pose.astype(np.float64)
   except Exception as e:  # pylint: disable=broad-except
     raise records.DataError(f'{path}: cannot read the Pose variable '
                             f'({type(e).__name__}: {e})') from None
@@ -132,7 +137,9 @@ def _frames_available(manual_dir, frame_source, s, a, sa, c, nposes):
 def video_labels(pose3d_mm, pose2d_gt, cpn, camera, exists, w, h, meta):
   """Label rows of one video (see the module doc)."""
   del pose2d_gt  # GT 2D is not part of our records (kept: same lengths)
-  fx, fy, cx, cy = camera
+  # float64 scalars, as the official (1,)-shaped float64 camera arrays: with
+  # float32 poses the products are taken in float64, then rounded to float32.
+  fx, fy, cx, cy = (np.float64(v) for v in camera)
   s, a, sa, c, video_id = meta
   frames = np.flatnonzero(exists)
   rows = np.zeros(len(frames), h36m_metadata.LABEL_DTYPE)
@@ -147,6 +154,7 @@ def video_labels(pose3d_mm, pose2d_gt, cpn, camera, exists, w, h, meta):
         cpn[i][..., :2], w=w, h=h)
     rows['keypoints_3d'][k] = joints_3d / 1000.0
     rows['center'][k], rows['scale'][k] = center, scale
+    rows['float32_box'][k] = np.asarray(center).dtype == np.float32
   rows['subject'], rows['action'], rows['subaction'] = s, a, sa
   rows['camera'], rows['frame'], rows['video_id'] = c - 1, frames + 1, video_id
   return rows

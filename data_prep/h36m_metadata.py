@@ -117,6 +117,9 @@ LABEL_DTYPE = np.dtype([
     ('keypoints_2d_crop', np.float32, (17, 2)),
     ('keypoints_3d', np.float32, (17, 3)),
     ('center', np.float64, (2,)), ('scale', np.float64, (2,)),
+    # center / scale were computed in float32 (a float32 pose file): the
+    # crop's affine repeats that float32 arithmetic (`crop_box`).
+    ('float32_box', np.bool_),
     ('subject', np.int32), ('action', np.int32), ('subaction', np.int32),
     ('camera', np.int32), ('frame', np.int32), ('video_id', np.int32)])
 

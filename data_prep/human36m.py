@@ -74,7 +74,17 @@ def labels_from_records(items, where: str) -> np.ndarray:
         raise records.DataError(f'{where}: record {i} field {field!r} has '
                                 'NaN or inf values')
       table[ours][i] = value
+    # Labels made from a float32 CDF hold float32 (center, scale) scalars.
+    table['float32_box'][i] = np.asarray(item['center']).dtype == np.float32
   return table
+
+
+def crop_box(row):
+  """The row's (center, scale) in the dtype they were computed in: the
+  official loader crops with the pickle's values, float32 ones included."""
+  if row['float32_box']:
+    return row['center'].astype(np.float32), row['scale'].astype(np.float32)
+  return row['center'], row['scale']
 
 
 def check_split(table, split, where):
@@ -161,7 +171,7 @@ class VideoFrames:
 
 def crop_example(frame_bgr, row, image_format, jpeg_quality) -> dict:
   """One record from a frame and its label row."""
-  crop = geometry.crop_image(frame_bgr, row['center'], row['scale'])
+  crop = geometry.crop_image(frame_bgr, *crop_box(row))
   example = {
       'image': records.encode_crop(crop, image_format, jpeg_quality),
       'keypoints_2d': row['keypoints_2d'],
@@ -230,7 +240,9 @@ def build(manual_dir, *, data_dir, frame_source='auto', labels='auto',
   for split, table in tables.items():
     shards += records.split_into_shards(split, table, examples_per_shard)
   label_stamp = {s: [len(t), int(t['video_id'].sum()),
-                     float(np.float64(t['keypoints_3d'].sum()))]
+                     float(np.float64(t['keypoints_3d'].sum())),
+                     float(t['center'].sum() + t['scale'].sum()),
+                     int(t['float32_box'].sum())]
                  for s, t in tables.items()}
   options = dict(manual_dir=os.path.abspath(manual_dir),
                  frame_source=frame_source, image_format=image_format,

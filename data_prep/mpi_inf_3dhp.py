@@ -23,7 +23,11 @@ or 1920x1080 (TS5, TS6), `keypoints_2d_crop` = `data_2d_crop`,
 `video_id` = index of the (sequence, camera) video.
 With --image_format=jpeg the stored crop is the source JPEG itself (no
 re-encoding: bit-exact with the official pipeline); png stores its decoded
-pixels losslessly.
+pixels losslessly. A frame still at full size is made into what the official
+path reads after `convert_to_small*.py`: its crop (box from `data_3d`'s root
+in the npz's own dtype, with the scripts' float32 arithmetic) written as
+OpenCV's quality-95 JPEG (`cv2.imwrite`'s default), stored as those JPEG
+bytes (jpeg, whatever --jpeg_quality says) or as their decoded pixels (png).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ from contextpose_jax import skeleton
 from data_prep import records
 
 NAME = 'mpi_inf_3dhp'
+# `convert_to_small*.py` writes its crops with cv2.imwrite's default quality.
+OFFICIAL_JPEG_QUALITY = 95
 TRAIN_NPZ = 'data_train_3dhp.npz'
 TEST_NPZ = 'data_test_3dhp.npz'
 ROOT = skeleton.ROOT_JOINT['3dhp']
@@ -97,7 +103,10 @@ ROW_DTYPE = np.dtype([
     ('subject', np.int32), ('action', np.int32), ('subaction', np.int32),
     ('camera', np.int32), ('frame', np.int32), ('video_id', np.int32),
     ('valid', np.bool_), ('intrinsics', np.int32), ('sequence', 'U16'),
-    ('image', 'U256')])
+    ('image', 'U256'),
+    # data_3d's root joint as the npz holds it (millimetres; float32 in the
+    # P-STMO files): the box of a full-size frame is computed from it.
+    ('root_mm', np.float64, (3,)), ('float32_pose', np.bool_)])
 
 
 def _rows(arrays, *, sequence, subject, action, camera, video_id, size,
@@ -115,7 +124,21 @@ def _rows(arrays, *, sequence, subject, action, camera, video_id, size,
   rows['valid'] = True if valid is None else valid.reshape(-1).astype(bool)
   rows['intrinsics'], rows['sequence'] = intrinsics, sequence
   rows['image'] = [image_fmt.format(i + 1) for i in range(n)]
+  rows['root_mm'] = arrays['data_3d'][:, ROOT]
+  rows['float32_pose'] = arrays['data_3d'].dtype == np.float32
   return rows
+
+
+def official_crop(image_bgr, row) -> bytes:
+  """`convert_to_small*.py` on a full-size frame: the box from the root
+  joint 14 in the npz's dtype (float32: the scripts' float32 arithmetic, the
+  intrinsics as the Python floats they list), the official warp, and the JPEG
+  `cv2.imwrite` writes (quality 95). Returns that JPEG's bytes."""
+  fx, fy, cx, cy = INTRINSICS[int(row['intrinsics'])]
+  root = row['root_mm'].astype(np.float32 if row['float32_pose'] else np.float64)
+  center, scale = geometry.box_to_center_scale(geometry.infer_box(root, fx, fy, cx, cy))
+  return records.encode_crop(geometry.crop_image(image_bgr, center, scale), 'jpeg',
+                             OFFICIAL_JPEG_QUALITY)
 
 
 def load_labels(manual_dir):
@@ -184,16 +207,11 @@ def make_examples(options, task):
     except image_io.ImageError as e:
       raise records.DataError(str(e)) from None
     if image.shape != records.IMAGE_SHAPE:
-      # Not yet cropped: the official convert_to_small crop (root = 14).
-      fx, fy, cx, cy = INTRINSICS[int(row['intrinsics'])]
-      center, scale = geometry.box_to_center_scale(geometry.infer_box(
-          row['keypoints_3d'].astype(np.float64)[ROOT] * 1000, fx, fy, cx,
-          cy))
-      image = geometry.crop_image(image, center, scale)
-      encoded = None
-    if options['image_format'] == 'png' or encoded is None:
-      encoded = records.encode_crop(image, options['image_format'],
-                                    options['jpeg_quality'])
+      # Not yet cropped: the JPEG the official scripts would have left here.
+      encoded = official_crop(image, row)
+      image = image_io.decode_image(encoded, path, bgr=True)
+    if options['image_format'] == 'png':
+      encoded = records.encode_crop(image, 'png', options['jpeg_quality'])
     example = {'image': encoded, 'sequence': str(row['sequence']),
                'valid': bool(row['valid'])}
     for key in ('keypoints_2d', 'keypoints_2d_crop', 'keypoints_3d'):
@@ -221,7 +239,7 @@ def build(manual_dir, *, data_dir, image_format='jpeg', jpeg_quality=95,
       name=NAME, data_dir=data_dir,
       feature_spec=records.features(image_format, mpi_inf_3dhp=True),
       shards=shards, make_examples=functools.partial(make_examples, options),
-      options=dict(options, labels=stamp,
+      options=dict(options, labels=stamp, full_frames='official jpeg',
                    examples_per_shard=examples_per_shard),
       description=__doc__, num_workers=num_workers, overwrite=overwrite,
       log=log)

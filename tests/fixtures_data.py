@@ -153,15 +153,17 @@ def read_split(name, split, data_dir):
 # Raw Human3.6M (CDF poses, VideoPose3D CPN npz, JPEG tree)
 
 
-def write_cdf_pose(path, pose):
-  """A Human3.6M-style CDF: one record, variable 'Pose' of (frames, 32*k)."""
+def write_cdf_pose(path, pose, dtype=np.float64):
+  """A Human3.6M-style CDF: one record, variable 'Pose' of (frames, 32*k),
+  stored as CDF_DOUBLE (float64) or CDF_FLOAT (float32)."""
   from cdflib.cdfwrite import CDF  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
   if os.path.exists(path):
     os.remove(path)
-  data = pose.reshape(1, pose.shape[0], -1).astype(np.float64)
+  data = pose.reshape(1, pose.shape[0], -1).astype(dtype)
   cdf = CDF(path, cdf_spec={'Majority': 'Row_major'})
-  cdf.write_var({'Variable': 'Pose', 'Data_Type': CDF.CDF_DOUBLE,
+  kind = CDF.CDF_FLOAT if np.dtype(dtype) == np.float32 else CDF.CDF_DOUBLE
+  cdf.write_var({'Variable': 'Pose', 'Data_Type': kind,
                  'Num_Elements': 1, 'Rec_Vary': True,
                  'Dim_Sizes': list(data.shape[1:])}, var_data=data)
   cdf.close()
@@ -169,8 +171,9 @@ def write_cdf_pose(path, pose):
 
 def make_h36m_raw_dir(root, subjects=(1, 9), actions=(2,), frames=3, seed=0,
                       missing_cpn=((9, 'Directions'),),
-                      missing_images=((1, 2, 1, 1, 2),)):
-  """Raw Human3.6M files for a few videos, in H36M-Toolbox's layout."""
+                      missing_images=((1, 2, 1, 1, 2),), dtype=np.float64):
+  """Raw Human3.6M files for a few videos, in H36M-Toolbox's layout; the CDF
+  poses in `dtype` (the real files exist in float32 and float64)."""
   from data_prep import h36m_metadata  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   positions = {}
@@ -186,10 +189,10 @@ def make_h36m_raw_dir(root, subjects=(1, 9), actions=(2,), frames=3, seed=0,
           pose2d = pose3d[..., :2] / pose3d[..., 2:] * [fx, fy] + [cx, cy]
           write_cdf_pose(os.path.join(root, 'extracted', f'S{s}',
                                       'Poses_D3_Positions_mono',
-                                      base + '.cdf'), pose3d)
+                                      base + '.cdf'), pose3d, dtype)
           write_cdf_pose(os.path.join(root, 'extracted', f'S{s}',
                                       'Poses_D2_Positions', base + '.cdf'),
-                         pose2d)
+                         pose2d, dtype)
           key = base.split('.')[0]
           if (s, key) not in missing_cpn:
             cams = positions.setdefault(f'S{s}', {}).setdefault(key, [None] * 4)

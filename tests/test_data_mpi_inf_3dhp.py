@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from contextpose_jax import image_io
 from contextpose_jax.data import pipeline
 from data_prep import mpi_inf_3dhp
 from data_prep import records
@@ -115,3 +116,61 @@ def test_bad_input(manual, tmp_path, damage, match):
   with pytest.raises(records.DataError, match=match):
     mpi_inf_3dhp.build(root, data_dir=str(tmp_path / 'out'), **QUIET)
   assert not os.path.exists(tmp_path / 'out' / 'mpi_inf_3dhp' / '1.0.0')
+
+
+def test_full_size_frame_is_the_official_jpeg(manual, tmp_path):
+  """A frame still at full size: the build stores what the official path
+  reads after `convert_to_small.py` (run here on the same files): its JPEG
+  bytes with --image_format=jpeg (whatever --jpeg_quality), their decoded
+  pixels with png."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'dataset'
+  shutil.copytree(manual[0], root)
+  name = os.path.join('mpi_inf_3dhp', 'images', 's_01_seq_01_ca_00',
+                      's_01_seq_01_ca_00_000002.jpg')
+  frame = fixtures_data.textured_frame(np.random.default_rng(5), 2048, 2048)
+  assert cv2.imwrite(str(root / name), frame)
+  # The official script, on a copy (it rewrites the frame in place).
+  work = tmp_path / 'official'
+  shutil.copytree(root, work / 'dataset')
+  script = fixtures_data.official_source(
+      'ContextPose_mpi/dataset/data_util/convert_to_small.py')
+  for old, new in (('subject_list = [1, 2, 3, 4, 5, 6, 7, 8]', 'subject_list = [1]'),
+                   ('sequence_list = [1, 2]', 'sequence_list = [1]'),
+                   ('camera_list = [0, 1, 2, 4, 5, 6, 7, 8]', 'camera_list = [0, 4]')):
+    assert old in script
+    script = script.replace(old, new)
+  (work / 'convert_to_small.py').write_text(script)
+  subprocess.run([sys.executable, 'convert_to_small.py'], cwd=work, check=True,
+                 capture_output=True)
+  official = (work / 'dataset' / name).read_bytes()
+  official_pixels = cv2.imread(str(work / 'dataset' / name))
+  assert official_pixels.shape == (256, 192, 3)
+
+  def stored(image_format, **options):
+    data_dir = str(tmp_path / image_format)
+    mpi_inf_3dhp.build(str(root), data_dir=data_dir, image_format=image_format,
+                       **options, **QUIET)
+    config = ml_collections.ConfigDict({'data': {'name': 'mpi_inf_3dhp', 'data_dir': data_dir}})
+    source = pipeline.data_source(config, 'train', keys=('image', 'sequence', 'camera',
+                                                         'frame'))
+    for i in range(len(source)):
+      r = source[i]
+      if (r['sequence'], int(r['camera']), int(r['frame'])) == (b'S1 Seq1', 0, 2):
+        return r['image']
+    raise AssertionError('frame not built')
+
+  assert stored('jpeg', jpeg_quality=80) == official
+  png = image_io.decode_image(stored('png'), 'png', bgr=True)
+  np.testing.assert_array_equal(png, official_pixels)
+  # The JPEG round trip matters: the bare warp (the earlier png) differs.
+  helpers = {}
+  exec(script.split('subject_list =')[0], helpers)  # pylint: disable=exec-used
+  box = helpers['_infer_box'](manual[1]['S1 Seq1'][0]['0']['data_3d'][1],
+                              helpers['mpi_inf_3dhp_cameras_intrinsic_params'][0], 14)
+  trans = helpers['get_affine_transform']((0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3])),
+                                          ((box[2] - box[0]) / 200.0,
+                                           (box[3] - box[1]) / 200.0), 0, [192, 256])
+  bare = cv2.warpAffine(frame, trans, (192, 256), flags=cv2.INTER_LINEAR)
+  assert np.abs(bare.astype(int) - official_pixels).max() > 10

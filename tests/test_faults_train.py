@@ -306,3 +306,27 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(env, tmp_path):
   assert 3 < step < 40
   assert (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
   assert not (workdir / '.lock').exists()
+
+
+def test_older_workdir_that_cannot_resume_exactly_is_one_line(env, tmp_path):
+  # A workdir of the version that dropped each epoch's last partial batch:
+  # its checkpoints' metadata has no `epoch_steps`. With 1,024 examples in
+  # batches of 17 it cannot continue exactly (60 steps per epoch then, 61 now).
+  workdir = tmp_path / 'old'
+  args = ('--config.num_epochs=1', '--config.steps_per_epoch=2', '--config.batch_size=17')
+  proc = subprocess.run(_cmd(env, workdir, *args), env=env['environ'], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  path = workdir / 'checkpoints' / '2' / 'meta' / 'metadata'
+  meta = json.loads(path.read_text())
+  assert meta == {'step': 2, 'nan_count': 0, 'epoch_steps': 61}
+  del meta['epoch_steps']
+  path.write_text(json.dumps(meta))
+  before = sorted(str(p.relative_to(workdir)) for p in (workdir / 'checkpoints').rglob('*'))
+  line = _fails(env, workdir, *args)
+  assert line == (f'error: {workdir}/checkpoints/2 was written by an older version whose '
+                  'epochs dropped the last partial batch (60 steps per epoch, now the '
+                  'official 61); it cannot be continued exactly: start a new --workdir, '
+                  'or finish it with the version that wrote it'), line
+  assert before == sorted(str(p.relative_to(workdir))
+                          for p in (workdir / 'checkpoints').rglob('*'))

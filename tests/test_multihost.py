@@ -1,7 +1,9 @@
 """Two JAX processes on localhost (jax.distributed + gloo CPU collectives),
-each reading only its own shard of the synthetic set through the input
-pipeline, take the same train steps and produce the same evaluation as one
-process fed the same global batches."""
+each reading only its rows of every global batch through the input pipeline,
+take the same train steps and produce the same evaluation as one process fed
+the same global batches. The second step is an epoch's partial last batch
+(64 examples in batches of 48: 16 real rows, all on host 0; host 1 holds
+only padding)."""
 import json
 import os
 import socket
@@ -37,6 +39,7 @@ _WORKER = textwrap.dedent('''
     config.learning_rate = 1e-3
     config.data.flip_per_example = True  # flips differ across the hosts' rows
     config.eps = 1e-3  # Adam would blow float noise of near-0 gradients up to +-lr
+    config.data.batch_size = 48
     mesh = parallel.make_mesh()
     model = capf.build_model(config.model)
     tx = steps.make_optimizer(config)
@@ -50,6 +53,8 @@ _WORKER = textwrap.dedent('''
       batches = [next(it) for _ in range({steps})]
       assert jax.process_count() == 2 and jax.device_count() == 2
       assert len(batches[0]['image']) == config.data.batch_size // 2  # local rows only
+      want = [24, 16] if jax.process_index() == 0 else [24, 0]
+      assert [int(b['mask'].sum()) for b in batches] == want, [b['mask'] for b in batches]
     else:
       # One process, the same global batches: the hosts' shards concatenated
       # in process order (as make_array_from_process_local_data lays them out).
@@ -61,9 +66,11 @@ _WORKER = textwrap.dedent('''
       pipeline._process_info = lambda: (0, 1)
       batches = [{{k: np.concatenate([a[k], b[k]]) for k in a}} for a, b in zip(*parts)]
     losses = []
+    examples = []
     for b in batches:
       state, m = step(state, parallel.global_batch(b, mesh))
       losses.append(float(m['loss']))
+      examples.append(int(m['examples']))
     predict_fn = steps.make_predict_step(model, mesh, config.model.dataset, config.flip_test)
     preds = evaluate.predict_split(config, state.variables(), predict_fn, mesh)
     result = evaluate.compute_metrics(config, preds)
@@ -71,7 +78,7 @@ _WORKER = textwrap.dedent('''
       params = jax.device_get(state.variables())
       leaves = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(params)]
       with open(out, 'w') as f:
-        json.dump(dict(losses=losses, params=leaves, mpjpe=result['mpjpe'],
+        json.dump(dict(losses=losses, examples=examples, params=leaves, mpjpe=result['mpjpe'],
                        p_mpjpe=result['p_mpjpe'], n=int(len(preds['pred'])),
                        frames=preds['frame'].tolist(), video=preds['video_id'].tolist()), f)
 ''')
@@ -88,7 +95,7 @@ def test_two_processes_equal_one(tmp_path):
   from configs import tiny_test
   from data_prep import synthetic
   data_dir = tmp_path / 'data'
-  options = dict(tiny_test.get_config().data.synthetic.to_dict(), num_train=128)
+  options = dict(tiny_test.get_config().data.synthetic.to_dict(), num_train=64)
   synthetic.build(str(data_dir), log=lambda *a: None, **options)
   script = tmp_path / 'worker.py'
   script.write_text(_WORKER.format(repo=REPO, steps=NUM_STEPS))
@@ -109,6 +116,7 @@ def test_two_processes_equal_one(tmp_path):
   multi = json.loads(outs[0].read_text())
   single = json.loads(outs[2].read_text())
   np.testing.assert_allclose(multi['losses'], single['losses'], rtol=1e-5)
+  assert multi['examples'] == single['examples'] == [48, 16]
   assert len(multi['params']) == len(single['params'])
   for a, b in zip(multi['params'], single['params']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

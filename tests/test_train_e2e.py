@@ -95,11 +95,14 @@ def test_training_beats_mean_pose_and_eval_only_reproduces(env):
     np.testing.assert_allclose(reproduced[key], result[key], rtol=1e-6)
 
 
-SHORT = ('--config.num_epochs=1',)
+# One official epoch of the 1,024 examples in batches of 17: 61 steps, the last
+# of 4 examples (padded to 17), so every resume below crosses a partial batch.
+SHORT = ('--config.num_epochs=1', '--config.batch_size=17')
+SHORT_STEPS = 61
 
 
 def _uninterrupted(env):
-  """One epoch (64 steps, checkpoints every 32), run once per module."""
+  """One epoch (61 steps, checkpoints every 32), run once per module."""
   if 'uninterrupted' not in env['runs']:
     workdir = env['root'] / 'uninterrupted'
     env['runs']['uninterrupted'] = (workdir, _run(env, workdir, *SHORT))
@@ -127,7 +130,7 @@ def test_healthy_run_prints_no_warnings(env):
 
 
 def test_killed_run_resumes_to_identical_parameters(env):
-  # One epoch (64 steps, checkpoints every 32): an uninterrupted reference run,
+  # One epoch (61 steps, checkpoints every 32): an uninterrupted reference run,
   # and a run killed after its step-32 checkpoint, then restarted.
   short = SHORT
   workdir, _ = _uninterrupted(env)
@@ -149,7 +152,7 @@ def test_killed_run_resumes_to_identical_parameters(env):
   assert 'Resumed from' in proc.stderr
   step_a, resumed = _latest_state(interrupted)
   step_b, reference = _latest_state(workdir)
-  assert step_a == step_b == 64
+  assert step_a == step_b == SHORT_STEPS
   flat_a = _flat(resumed)
   flat_b = _flat(reference)
   assert flat_a.keys() == flat_b.keys()
@@ -172,7 +175,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_identically(env):
   def read():
     for line in proc.stderr:
       lines.append(line)
-      m = re.search(r'step (\d+)/64:', line)
+      m = re.search(rf'step (\d+)/{SHORT_STEPS}:', line)
       if m and int(m.group(1)) >= 40:
         reached.set()
   reader = threading.Thread(target=read, daemon=True)
@@ -191,7 +194,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_identically(env):
                    r'rerun the same command to resume', last)
   assert m, stderr[-4000:]
   step = int(m.group(1))
-  assert 40 <= step < 64
+  assert 40 <= step < SHORT_STEPS
   assert m.group(2) == str(stopped / 'checkpoints' / str(step))
   assert 'Traceback' not in stderr
   # The step reached was committed (not only the older periodic checkpoint).
@@ -206,7 +209,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_identically(env):
   assert _warnings(resumed.stderr) == []
   step_a, a = _latest_state(stopped)
   step_b, b = _latest_state(workdir)
-  assert step_a == step_b == 64
+  assert step_a == step_b == SHORT_STEPS
   flat_a, flat_b = _flat(a), _flat(b)
   assert flat_a.keys() == flat_b.keys()
   for k in flat_b:

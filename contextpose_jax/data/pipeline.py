@@ -3,14 +3,19 @@
 No TensorFlow at training time: `tfds.data_source` reads the records with
 NumPy, images are decoded with OpenCV, everything else is NumPy.
 
-Training (`make_train_iterator`): each host reads only its shard of the
-records (`jax.process_index()` / `jax.process_count()`), shuffled globally
-per epoch from a seed, and yields its local part of the global batch. The
-official flip augmentation (p = 0.5) is decided once per GLOBAL batch (as the
-official loader does) or, with `config.data.flip_per_example`, per example.
-All randomness is a function of (seed, step), so an iterator started at
-`start_step` yields exactly the batches an uninterrupted run would, for any
-number of threads.
+Training (`make_train_iterator`): the official epoch (`ContextPose/train.py`,
+a DataLoader without `drop_last`). Each epoch is one pass over every record in
+a permutation drawn from (seed, epoch), cut into `epoch_steps` = ceil(N /
+global batch) global batches; the last one is partial: its missing rows are
+padding (real records, so every value stays finite) with `mask` 0, which the
+train step leaves out of the loss, the gradient, the metrics and the NaN check.
+Each host yields its rows of every global batch (`jax.process_index()` /
+`jax.process_count()`), padding its share of the last one, so the global
+batches do not depend on the number of hosts. The official flip augmentation
+(p = 0.5) is decided once per GLOBAL batch (as the official loader does) or,
+with `config.data.flip_per_example`, per example. All randomness is a
+function of (seed, step), so an iterator started at `start_step` yields
+exactly the batches an uninterrupted run would, for any number of threads.
 
 Evaluation (`make_eval_iterator`): one pass over every example (3DHP: every
 VALID frame unless `config.data.eval_valid_only` is False), padded to whole
@@ -28,6 +33,7 @@ decoding batches], [`prefetch` 2: batches buffered ahead],
 from __future__ import annotations
 
 import os
+import sys
 from typing import Iterator
 
 from absl import flags
@@ -273,6 +279,20 @@ class _Decode(grain.transforms.Map):
     return out
 
 
+class _Lookup(grain.transforms.Map):
+  """(source index, mask) -> the decoded record plus its mask."""
+
+  def __init__(self, source, keys):
+    self._source = source
+    self._decode = _Decode(keys)
+
+  def map(self, item):
+    index, mask = item
+    out = self._decode.map(self._source[int(index)])
+    out['mask'] = mask
+    return out
+
+
 def _collate(examples):
   """Stacks everything but the images, which stay a list of uint8 arrays
   (they are written once, normalised, into the float32 batch)."""
@@ -347,30 +367,64 @@ def _finish(ds: grain.MapDataset, config) -> grain.IterDataset:
   return it
 
 
+def epoch_steps(num_examples: int, global_batch: int) -> int:
+  """Steps of one official epoch: ceil(N / global batch), the last partial."""
+  return -(-int(num_examples) // int(global_batch))
+
+
+class _EpochOrder:
+  """The endless stream of this host's rows: row j -> (record, mask).
+
+  Row j is row k of step s's local batch; step s is batch b of epoch e; its
+  global position p = b * global_batch + host * local_batch + k indexes the
+  epoch's permutation (grain's index shuffle, seeded by seed + e). Positions
+  past the N records are the padding of the last batch: mask 0, filled with
+  the epoch's first records. With N a multiple of the global batch and one
+  host this is the stream of the earlier floor(N / batch) pipeline.
+  """
+
+  def __init__(self, num_examples, global_batch, local_batch, host, seed):
+    self._n, self._global, self._local, self._host = (
+        num_examples, global_batch, local_batch, host)
+    self._steps = epoch_steps(num_examples, global_batch)
+    self._order = grain.MapDataset.range(num_examples).shuffle(
+        seed=seed % 2**32).repeat()
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, row):
+    step, k = divmod(int(row), self._local)
+    epoch, b = divmod(step, self._steps)
+    p = b * self._global + self._host * self._local + k
+    real = p < self._n
+    index = self._order[epoch * self._n + (p if real else (p - self._n) % self._n)]
+    return int(index), np.float32(real)
+
+
 def make_train_iterator(config, *, seed: int, start_step: int = 0
                         ) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator of this host's training batches, from `start_step`.
 
   Batches: `image` float32 (B, 256, 192, 3) normalised for the backbone,
   `keypoints_2d` (B, 17, 2), `keypoints_2d_crop` (B, 17, 2), `keypoints_3d`
-  (B, 17, 3) root-relative metres; B = global batch / number of hosts.
+  (B, 17, 3) root-relative metres, `mask` float32 (B,) (0 on the padding of
+  an epoch's last batch); B = global batch / number of hosts. Step s is batch
+  s % `epoch_steps` of epoch s // `epoch_steps`.
   """
   data = config.data
   kind = dataset_kind(data.name)
   process_index, process_count = _process_info()
-  local_batch = _local_batch_size(int(data.batch_size), process_count)
+  global_batch = int(data.batch_size)
+  local_batch = _local_batch_size(global_batch, process_count)
   shuffle_seed = int(_get(data, 'shuffle_seed', seed))
   source = data_source(config, _get(data, 'train_split', 'train'),
                        keys=('image',) + KEYPOINT_KEYS)
-  if len(source) < process_count:
-    raise ValueError(f'{data.name}: {len(source)} training examples for '
-                     f'{process_count} hosts')
-  ds = grain.MapDataset.source(source)
-  # Equal-size host shards so that every host runs the same number of steps.
-  per_host = len(source) // process_count
-  ds = ds[process_index * per_host:(process_index + 1) * per_host]
-  ds = ds.shuffle(seed=shuffle_seed % 2**32).repeat()
-  ds = ds.map(_Decode(KEYPOINT_KEYS))
+  if len(source) == 0:
+    raise ValueError(f'{data.name}: the training split has no examples')
+  order = _EpochOrder(len(source), global_batch, local_batch, process_index,
+                      shuffle_seed)
+  ds = grain.MapDataset.source(order).map(_Lookup(source, KEYPOINT_KEYS))
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_collate)
   ds = ds[int(start_step):]
   ds = ds.map_with_index(_TrainBatch(
@@ -414,20 +468,6 @@ class _EvalBatch(grain.transforms.Map):
                                    np.int32)
       out['valid'] = np.asarray(batch['valid'], bool)
     out['mask'] = np.asarray(batch['mask'], np.float32)
-    return out
-
-
-class _Lookup(grain.transforms.Map):
-  """(source index, mask) -> the decoded record plus its mask."""
-
-  def __init__(self, source, keys):
-    self._source = source
-    self._decode = _Decode(keys)
-
-  def map(self, item):
-    index, mask = item
-    out = self._decode.map(self._source[int(index)])
-    out['mask'] = mask
     return out
 
 
