@@ -232,6 +232,7 @@ def batch_specs(global_batch: int, *, train: bool, flip_test: bool) -> dict[str,
   specs = dict(zip(steps.MODEL_KEYS, (image, joints2, joints2)))
   if train:
     specs["keypoints_3d"] = ((global_batch, skeleton.NUM_JOINTS, 3), jnp.float32)
+    specs["mask"] = ((global_batch,), jnp.float32)  # the real rows of a padded batch
   elif flip_test:
     specs.update(zip(steps.FLIP_KEYS, (image, joints2, joints2)))
   return specs
