@@ -296,8 +296,7 @@ def _compile(name, fn, args, target: Target, examples: int, keep_hlo: bool) -> P
     compiled = lowered.compile()
   seconds = time.perf_counter() - t0
   memory = compiled.memory_analysis()
-  cost = _cost(compiled) or {k: v / target.num_devices for k, v in _cost(lowered).items()
-                             if k in ("flops", "bytes accessed")}
+  cost = _cost(compiled)
   optimal = cost.get("optimal_seconds")
   return ProgramReport(
       name, examples, seconds, cost.get("flops"), cost.get("bytes accessed"),
@@ -360,8 +359,18 @@ def compile_programs(config, target: Target, *, keep_hlo: bool = False) -> list[
     mesh = parallel.make_mesh(jax.devices()[:1])
     platform = "gpu"
   programs = build_programs(config, mesh, platform=platform)
-  return [_compile(name, fn, args, target, examples, keep_hlo)
-          for name, (fn, args, examples) in programs.items()]
+  reports = [_compile(name, fn, args, target, examples, keep_hlo)
+             for name, (fn, args, examples) in programs.items()]
+  if target.compiles and target.platform == "gpu":
+    # XLA:GPU has no cost analysis: the costs of the program as JAX emitted it
+    # (lowered over this host's device), one GPU's share.
+    unoptimized = build_programs(config, parallel.make_mesh(jax.devices()[:1]), platform="gpu")
+    for report in reports:
+      fn, args, _ = unoptimized[report.name]
+      cost = _cost(fn.trace(*args).lower(lowering_platforms=("cuda",)))
+      report.flops = _div(cost.get("flops"), target.num_devices)
+      report.bytes_accessed = _div(cost.get("bytes accessed"), target.num_devices)
+  return reports
 
 
 @dataclasses.dataclass

@@ -87,5 +87,8 @@ def jit(fun: Callable, *, platform: str | None = None, **jit_kwargs: Any):
     with targeting(platform):
       return fun(*args, **kwargs)
 
+  # The program's name in HLO and profiles: the step's, also for a partial.
+  traced_for_platform.__name__ = getattr(fun, "__name__", None) or getattr(
+      getattr(fun, "func", None), "__name__", "traced_for_platform")
   return jax.jit(traced_for_platform, compiler_options=for_platform(platform) or None,
                  **jit_kwargs)
