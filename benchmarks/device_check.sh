@@ -3,7 +3,7 @@
 # images: no network, its own python3 (3.12) with jax 0.11.x + the CUDA 13
 # plugin, flax / optax / orbax and torch, but no ml-collections, grain,
 # tensorflow-datasets or array-record. Those come from the wheel folder that
-# benchmarks/device_wheels.sh makes here (.whl, ~12 MiB) and are installed
+# benchmarks/device_wheels.sh makes here (.whl, ~11 MiB) and are installed
 # beside the image's packages, which stay as they are. At most ~8 minutes.
 #
 #   benchmarks/device_wheels.sh                     # here, once

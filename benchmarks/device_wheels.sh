@@ -2,8 +2,8 @@
 # Makes the wheel folder that benchmarks/device_check.sh installs on a GPU
 # machine without network: the packages of requirements.txt that today's GPU
 # images lack (ml-collections, grain, tensorflow-datasets, array-record and
-# what they need beyond the image), for CPython 3.12 on x86-64 Linux, at the
-# versions this checkout's environment runs. About 12 MiB.
+# what they need beyond the image), at the versions this checkout's
+# environment runs. Run it with a CPython 3.12 on x86-64 Linux (the images').
 #
 #   benchmarks/device_wheels.sh [DIR]     # default: .whl (git-ignored)
 #
@@ -22,10 +22,9 @@ print(" ".join(f"{name}=={m.version(name)}" for name in sys.argv[1:]))
 PY
 )
 rm -rf "$dir" && mkdir -p "$dir"
-platforms=()
-for n in 17 24 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+# Wheels for this interpreter's platform (CPython 3.12, x86-64 Linux, as the
+# images'); sdist-only packages (promise) are built into pure-Python wheels.
 # shellcheck disable=SC2086
-"$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-  --implementation cp --platform manylinux2014_x86_64 "${platforms[@]}" -d "$dir" $pins
+"$python" -m pip wheel --quiet --no-deps --wheel-dir "$dir" $pins
 du -sh "$dir"
 ls "$dir"
