@@ -39,7 +39,6 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 
-from contextpose_jax import compiler_options
 from contextpose_jax import parallel
 from contextpose_jax import skeleton
 from contextpose_jax import steps

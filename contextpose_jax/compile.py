@@ -60,8 +60,6 @@ def _parse(argv: Sequence[str]):
   fv = _flag_values(argv)
   try:
     cli.parse(fv, argv, __doc__)
-  except cli.Exit:
-    raise
   except (AttributeError, KeyError) as e:  # --config.typo=...: a field the config lacks
     raise cli.error(f"a --config. override names a field the config does not have ({e})"
                     ) from None
