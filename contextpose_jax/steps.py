@@ -102,8 +102,8 @@ def _init_key(seed: int):
 def init_variables(model, seed: int):
   """Initial model variables (host side, replicated later)."""
   params_rng, dropout_rng = jax.random.split(_init_key(seed))
-  return compiler_options.jit(model.init)({'params': params_rng, 'dropout': dropout_rng},
-                                          *capf.dummy_inputs(1))
+  return compiler_options.jit(model.init, run_once=True)(
+      {'params': params_rng, 'dropout': dropout_rng}, *capf.dummy_inputs(1))
 
 
 def he_init_backbone(variables, seed: int):
@@ -118,7 +118,8 @@ def he_init_backbone(variables, seed: int):
   init = jax.nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
   params = dict(flax.core.unfreeze(variables['params']))
 
-  @jax.jit  # one compiled program: eager, each kernel shape compiles its own
+  # One compiled program (eager, each kernel shape would compile its own).
+  @functools.partial(compiler_options.jit, run_once=True)
   def redraw(backbone):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(backbone)
     keys = jax.random.split(_init_key(seed), len(leaves))

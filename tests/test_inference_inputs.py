@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from contextpose_jax import checkpoints
+from contextpose_jax import compiler_options
 from contextpose_jax import geometry
 from contextpose_jax import predict
 from contextpose_jax import skeleton
@@ -215,8 +216,8 @@ def test_real_detector_directory_end_to_end(models, tmp_path):
   config = capf.default_model_config("hrnet_32")
   config.backbone_kwargs = dict(inference_fixtures.SMALL_HRNET, heatmap_head=True)
   model = capf.build_model(config)
-  variables = jax.tree_util.tree_map(np.asarray, jax.jit(model.init)(
-      jax.random.PRNGKey(3), *capf.dummy_inputs(1)))
+  variables = jax.tree_util.tree_map(np.asarray, compiler_options.jit(
+      model.init, run_once=True)(jax.random.PRNGKey(3), *capf.dummy_inputs(1)))
   backbone_only = {k: {"backbone": v["backbone"]} for k, v in variables.items()}
   coco_dir = tmp_path / "coco"
   capf.save_variables(str(coco_dir), backbone_only, config)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from contextpose_jax import compiler_options
 from contextpose_jax import parallel
 from contextpose_jax import steps
 from contextpose_jax.models import capf
@@ -53,7 +54,8 @@ def _setup(config, mesh):
   tx = steps.make_optimizer(config)
   images = jnp.zeros((1, 64, 64, 3))
   kp = jnp.zeros((1, 17, 2))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, kp, kp)
+  variables = compiler_options.jit(model.init, run_once=True)(
+      jax.random.PRNGKey(0), images, kp, kp)
   if config.model.train_backbone:  # from scratch, as train_and_evaluate does
     variables = steps.he_init_backbone(variables, 0)
   state = steps.create_train_state(config, model, variables, tx)
