@@ -134,9 +134,15 @@ def _workdir_model_config(workdir: str):
     return None
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f)['model'])
+      model = json.load(f)['model']
+    model_config = ml_collections.ConfigDict(model)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ModelDirectoryError(f'{path}: no readable "model" entry ({type(e).__name__})') from e
+  try:
+    capf.check_model_config(model, f'{path}: model')
+  except capf.ModelConfigError as e:
+    raise ModelDirectoryError(str(e)) from None
+  return model_config
 
 
 def _restore_step(step_dir: str, item: str):
@@ -212,13 +218,37 @@ def load_model(path: str, *, require_config: bool = True):
   """
   kind, step_dir, item, workdir = find_model(path)
   if kind == 'converted':
-    return _read_converted(capf.load_variables, path)
+    variables, model_config = _read_converted(capf.load_variables, path)
+    check_matches_config(variables, model_config,
+                         os.path.join(path, capf.MODEL_CONFIG_FILE))
+    return variables, model_config
   model_config = _workdir_model_config(workdir)
   if model_config is None and require_config:
     raise _no_workdir_config(path, workdir)
   variables = _restore_step(step_dir, item)
+  if model_config is not None:
+    check_matches_config(variables, model_config, os.path.join(workdir, CONFIG_FILE))
   logging.info('Loaded %s from %s', item, step_dir)
   return variables, model_config
+
+
+def check_matches_config(variables, model_config, config_file: str):
+  """The weights have the shapes the model config builds (an edited
+  `embed_dim` or `depth`, `backbone: cpn` on HRNet weights: one line naming
+  the file). Only the parts present are compared: a COCO backbone
+  conversion holds no lifter. Costs a trace of the model, no compute."""
+  expected = capf.variable_shapes(capf.build_model(model_config))
+  for collection, tree in variables.items():
+    for name, got in dict(tree).items():
+      want = expected.get(collection, {}).get(name)
+      what = f'{config_file} does not match the weights: {collection}/{name}'
+      if want is None:
+        raise ModelDirectoryError(f'{what} is not part of the model it describes '
+                                  f'(backbone {model_config["backbone"]!r})')
+      try:
+        check_same_structure(want, got, what)
+      except ValueError as e:
+        raise ModelDirectoryError(str(e)) from None
 
 
 def read_model_config(path: str) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ import os
 from contextpose_jax import checkpoints
 from contextpose_jax.data import pipeline
 from contextpose_jax.models import BACKBONES
+from contextpose_jax.models import capf
 from contextpose_jax.models.capf import MODEL_CONFIG_FILE
 
 MODEL_DATASETS = ('h36m', '3dhp')
@@ -92,9 +93,15 @@ def _divisible(config, path: str, value: int, device_count: int):
         f'use a multiple of {device_count}')
 
 
-def _converter_dir(path: str, field: str):
-  if not os.path.isdir(path):
+def _directory(path: str, field: str):
+  if not os.path.exists(path):
     raise ConfigError(f'config.{field}={path}: no such directory')
+  if not os.path.isdir(path):
+    raise ConfigError(f'config.{field}={path}: a file, not a directory')
+
+
+def _converter_dir(path: str, field: str):
+  _directory(path, field)
   if not os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
     raise ConfigError(
         f'config.{field}={path}: not a converter output directory (no '
@@ -103,8 +110,7 @@ def _converter_dir(path: str, field: str):
 
 def _model_source(path: str, field: str):
   """A converter output directory or a training workdir."""
-  if not os.path.isdir(path):
-    raise ConfigError(f'config.{field}={path}: no such directory')
+  _directory(path, field)
   if not any(os.path.exists(os.path.join(path, name))
              for name in (MODEL_CONFIG_FILE, checkpoints.BEST_DIR, checkpoints.LATEST_DIR)):
     raise ConfigError(
@@ -124,6 +130,9 @@ def check_fields(config, device_count: int, workdir: str | None = None) -> None:
   if name not in pipeline.DATASETS:
     raise ConfigError(f'config.data.name={name!r} is not a known dataset; known: '
                       f'{", ".join(pipeline.DATASETS)}')
+  data_dir = _get(config, 'data.data_dir', '')
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ConfigError(f'config.data.data_dir={data_dir}: a file, not a directory')
   batch = _positive_int(config, 'data.batch_size')
   eval_batch = _positive_int(config, 'data.eval_batch_size', batch)
   _divisible(config, 'data.eval_batch_size', eval_batch, device_count)
@@ -141,8 +150,10 @@ def check_fields(config, device_count: int, workdir: str | None = None) -> None:
   _one_of(config, 'model.backbone', BACKBONES)
   _one_of(config, 'model.dataset', MODEL_DATASETS)
   _one_of(config, 'model.backbone_dtype', BACKBONE_DTYPES, 'float32')
-  for path in ('model.embed_dim', 'model.depth', 'model.num_heads'):
-    _positive_int(config, path, None)
+  try:  # every field: names, types, ranges, dtypes, divisibility
+    capf.check_model_config(_get(config, 'model'), 'config.model')
+  except capf.ModelConfigError as e:
+    raise ConfigError(str(e)) from None
   kind = pipeline.dataset_kind(name)
   if config.model.dataset != kind:
     raise ConfigError(f'config.model.dataset={config.model.dataset!r} does not match '
