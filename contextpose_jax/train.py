@@ -256,6 +256,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with workdir_lock(workdir, 'evaluation' if config.eval_only else 'training'):
     if config.eval_only:
       return evaluate.evaluate_only(config, workdir)
+    # Before anything is written: a workdir's config.json records the model
+    # of its checkpoints, and is never replaced by another model's.
+    changes = config_validation.check_resume(config, workdir)
+    if changes:
+      logging.info('Resuming %s with changed settings: %s', workdir, ', '.join(changes))
     return _train_and_evaluate(config, workdir)
 
 
