@@ -299,7 +299,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   state = steps.create_train_state(config, model, initial_variables(config, model), tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpts = checkpoints.Checkpoints(workdir, config.max_checkpoints_to_keep)
-  restored, meta = ckpts.restore_latest(state)
+  try:
+    restored, meta = ckpts.restore_latest(state)
+    ckpts.verify_best(state.variables())
+  except checkpoints.CheckpointError:
+    ckpts.close()
+    raise
   if restored is not None:
     try:
       check_resumable(config, meta, os.path.join(ckpts.latest.directory,
