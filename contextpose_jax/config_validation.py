@@ -179,6 +179,10 @@ def check_fields(config, device_count: int, workdir: str | None = None) -> None:
     _positive_number(config, path)
   for path in ('weight_decay', 'grad_clip_norm'):
     _non_negative(config, path, integer=False)
+  # The divergence policy (contextpose_jax/divergence.py); 0 turns a rule off.
+  _non_negative(config, 'divergence.max_nonfinite_steps', integer=True)
+  for path in ('divergence.max_loss_mm', 'divergence.max_grad_norm'):
+    _non_negative(config, path, integer=False)
 
 
 def check_data(config) -> None:
