@@ -73,6 +73,17 @@ def get_config():
   config.num_epochs = 100  # the official loop runs until stopped (n_epochs 9999)
   config.steps_per_epoch = -1  # -1: the official epoch, ceil(train examples / global batch)
 
+  # --- divergence (contextpose_jax/divergence.py): the run stops with one
+  # line, and nothing diverged is checkpointed, on the first of: ---
+  config.divergence = ml_collections.ConfigDict()
+  # this many consecutive steps with a non-finite loss (each one skipped); 0 = off
+  config.divergence.max_nonfinite_steps = 5
+  # a step's loss above this (mm; a fresh lifter starts near 500 mm); 0 = off
+  config.divergence.max_loss_mm = 1e5
+  # a step's global gradient norm above this; 0 = off (the default: Adam
+  # normalizes its steps, so a large gradient alone does not diverge)
+  config.divergence.max_grad_norm = 0.0
+
   # --- evaluation ---
   config.flip_test = True
   config.eval_every_epochs = 1

@@ -26,6 +26,20 @@ META_KEYS = ('subject', 'action', 'subaction', 'camera', 'frame', 'video_id',
              'sequence', 'valid')
 
 
+class NonFinitePredictions(ValueError):
+  """The model's poses hold NaN or infinity (diverged parameters); one line."""
+
+
+def check_finite(config, preds: Mapping[str, np.ndarray], split: str | None = None):
+  """Refuses non-finite predictions in one line, before the metrics (whose
+  Procrustes SVD would otherwise die with 'SVD did not converge')."""
+  bad = ~np.isfinite(preds['pred']).reshape(len(preds['pred']), -1).all(axis=1)
+  if bad.any():
+    raise NonFinitePredictions(
+        f'the model predicts non-finite poses for {int(bad.sum())} of {len(bad)} examples '
+        f'of {config.data.name}/{split or config.data.eval_split}')
+
+
 def check_dataset_matches_model(config):
   data_kind = pipeline.dataset_kind(config.data.name)
   if data_kind != config.model.dataset:
@@ -91,8 +105,10 @@ def save_predictions(path: str, preds: Mapping[str, np.ndarray]):
 
 
 def run_evaluation(config, variables, predict_fn, mesh):
-  """(metrics, predictions) on the eval split."""
+  """(metrics, predictions) on the eval split; `NonFinitePredictions` when
+  the model's poses are not finite."""
   preds = predict_split(config, variables, predict_fn, mesh)
+  check_finite(config, preds)
   return compute_metrics(config, preds), preds
 
 
@@ -126,6 +142,9 @@ def evaluate_only(config, workdir: str) -> dict:
   checkpoints.check_same_structure(capf.variable_shapes(model)['params'], variables['params'],
                                    f'config.init_from={config.init_from}: params')
   predict_fn = steps.make_predict_step(model, mesh, config.model.dataset, config.flip_test)
-  result, preds = run_evaluation(config, variables, predict_fn, mesh)
+  try:
+    result, preds = run_evaluation(config, variables, predict_fn, mesh)
+  except NonFinitePredictions as e:
+    raise NonFinitePredictions(f'config.init_from={config.init_from}: {e}') from e
   write_evaluation(config, workdir, result, preds)
   return result

@@ -9,8 +9,9 @@ r"""Trains and evaluates Context-Aware PoseFormer (CA-PF).
 A run restarted with the same --workdir resumes from its latest checkpoint.
 SIGTERM / SIGINT (a preemptible VM, a scheduler, Ctrl-C) stop it after the
 current step with a saved checkpoint (exit status 128 + signal number).
-Mistakes in the flags or the config, a missing dataset or a workdir in use
-by another run are one line `error: ...` on stderr and exit status 1.
+Mistakes in the flags or the config, a missing dataset, a workdir in use
+by another run or trained with another model, and a run that diverged are
+one line `error: ...` on stderr and exit status 1.
 Multi-host: pass --jax_distributed (cluster auto-detection: TPU, SLURM, ...)
 or --coordinator_address/--num_processes/--process_id explicitly.
 """
@@ -65,7 +66,9 @@ class _QuietLibraries(logging_std.Filter):
   """Drops INFO chatter of orbax / TFDS so progress and metrics stay readable,
   JAX's INFO line about the TPU backend it probes and does not find, and the
   warnings orbax prints whenever a checkpoint is opened read-only (as every
-  evaluation of a saved model does): none of them says anything is wrong."""
+  evaluation of a saved model does): none of them says anything is wrong.
+  Orbax's error records keep their message but not their traceback: the
+  run's own one-line error says what failed."""
   NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorflow_datasets' + os.sep)
   ORBAX_READ_ONLY = ('CheckpointManagerOptions.read_only=True',
                      'Given directory is read only')
@@ -75,6 +78,10 @@ class _QuietLibraries(logging_std.Filter):
     orbax = os.sep + 'orbax' + os.sep in record.pathname
     if orbax and msg.startswith(self.ORBAX_READ_ONLY):
       return False
+    if orbax and record.exc_info and not logging.level_debug():
+      # A failed save: the run reports it in one line (checkpoints.py); the
+      # traceback (hundreds of lines) stays available with --verbosity=1.
+      record.exc_info, record.exc_text = None, None
     if record.levelno >= logging_std.WARNING:
       return True
     if record.name.startswith('jax') and msg.startswith('Unable to initialize backend'):
@@ -147,7 +154,9 @@ def main(argv):
   _init_distributed()
   compile_cache.enable(FLAGS.compilation_cache)
   # Imported after the distributed init (it must precede any JAX computation).
+  from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from contextpose_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from contextpose_jax import divergence  # pylint: disable=g-import-not-at-top
   from contextpose_jax import locking  # pylint: disable=g-import-not-at-top
   from contextpose_jax import train  # pylint: disable=g-import-not-at-top
   from contextpose_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -155,7 +164,8 @@ def main(argv):
   # Mistakes and conditions of the input (each one line); any other
   # exception is a bug and keeps its traceback.
   expected = (config_validation.ConfigError, pipeline.DatasetError,
-              locking.LockHeldError, FileNotFoundError, PermissionError, ValueError)
+              locking.LockHeldError, FileNotFoundError, PermissionError, ValueError,
+              divergence.Diverged, checkpoints.CheckpointError)
   try:
     logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                  jax.process_count(), jax.local_devices())

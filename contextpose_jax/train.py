@@ -11,7 +11,12 @@ best at the end.
 Faults: the configuration is checked before any work (`config_validation`);
 the workdir is locked against a second run (`locking.DirLock`, process 0);
 SIGTERM / SIGINT stop the run after the current step with a committed
-checkpoint (`PreemptionGuard`, `Preempted`).
+checkpoint (`PreemptionGuard`, `Preempted`); divergence stops it with one
+line and nothing diverged saved (`divergence`, `divergence.Diverged`); a
+resumed workdir's config.json is never replaced by another model's
+(`config_validation.check_resume`); a damaged checkpoint falls back to the
+newest intact one and a failed save (a full disk) stops the run in one
+line (`checkpoints`).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import numpy as np
 
 from contextpose_jax import checkpoints
 from contextpose_jax import config_validation
+from contextpose_jax import divergence
 from contextpose_jax import evaluate
 from contextpose_jax import fileio
 from contextpose_jax import locking
@@ -248,14 +254,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   the best checkpoint and writes WORKDIR/eval.json. Returns that result.
 
   Raises `config_validation.ConfigError` / `pipeline.DatasetError` /
-  `locking.LockHeldError` before any work, and `Preempted` after saving the
-  train state when SIGTERM or SIGINT arrived.
+  `locking.LockHeldError` before any work, `Preempted` after saving the
+  train state when SIGTERM or SIGINT arrived, `divergence.Diverged` when
+  training diverged (its state not saved), and `checkpoints.CheckpointError`
+  when no checkpoint restores or a save fails.
   """
   pipeline.resolve_data_dir(config)
   config_validation.validate(config, jax.device_count(), workdir)
   with workdir_lock(workdir, 'evaluation' if config.eval_only else 'training'):
     if config.eval_only:
       return evaluate.evaluate_only(config, workdir)
+    # Before anything is written: a workdir's config.json records the model
+    # of its checkpoints, and is never replaced by another model's.
+    changes = config_validation.check_resume(config, workdir)
+    if changes:
+      logging.info('Resuming %s with changed settings: %s', workdir, ', '.join(changes))
     return _train_and_evaluate(config, workdir)
 
 
@@ -264,10 +277,55 @@ def _latest_meta(state, step: int, data_steps: int) -> dict:
   return {'step': step, 'nan_count': int(state.nan_count), 'epoch_steps': data_steps}
 
 
+def _diverged(ckpts, writer, step: int, reason: str, watch: divergence.Watch):
+  """Lets the saves in flight commit, sets aside the train states whose
+  weights led here, then raises `divergence.Diverged` naming the last good one.
+
+  A state saved at step c holds the weights of update c, which the loss of
+  step c + 1 tests: the states from the last finite step on (from the
+  resumed step, without one) are suspect, the earlier ones are good.
+  """
+  moved = ckpts.set_aside_from(watch.last_finite[0] if watch.last_finite else watch.start_step)
+  last = ckpts.latest.latest_step()
+  ckpts.close()
+  writer.close()
+  raise divergence.Diverged(step, reason, watch.last_finite,
+                            os.path.join(ckpts.latest.directory, str(last))
+                            if last is not None else None, moved)
+
+
+def _check(ckpts, writer, watch: divergence.Watch, lag: int = 0):
+  """Stops the run if a step read now diverged (see `divergence.Watch`)."""
+  verdict = watch.check(lag)
+  if verdict:
+    _diverged(ckpts, writer, *verdict, watch)
+
+
+def _check_params(ckpts, writer, state, step: int, watch: divergence.Watch):
+  """Every step read so far is healthy and so are the parameters of `step`
+  (checked before any save: non-finite parameters are never written)."""
+  _check(ckpts, writer, watch)
+  if not divergence.all_finite(state.params):
+    _diverged(ckpts, writer, step, 'non-finite parameters after the update (not saved)',
+              watch)
+
+
+def _saveable(ckpts, writer, state, step: int, watch: divergence.Watch) -> bool:
+  """Whether the state of `step` may be checkpointed: never with non-finite
+  parameters (the run stops), nor right after a skipped step (the save waits
+  for the next save point)."""
+  _check_params(ckpts, writer, state, step, watch)
+  if watch.streak:
+    logging.info('step %d not saved: its loss was not finite (the save waits for the next '
+                 'save point)', step)
+  return not watch.streak
+
+
 def _save_and_stop(ckpts, writer, state, step: int, guard: PreemptionGuard,
-                   data_steps: int):
+                   data_steps: int, watch: divergence.Watch):
   """Commits the train state of `step`, then raises `Preempted`."""
   signum = guard.signum
+  _check_params(ckpts, writer, state, step, watch)
   if guard.synced:
     logging.info('Preemption notice: every host saves step %d', step)
   else:
@@ -294,7 +352,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   state = steps.create_train_state(config, model, initial_variables(config, model), tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpts = checkpoints.Checkpoints(workdir, config.max_checkpoints_to_keep)
-  restored, meta = ckpts.restore_latest(state)
+  try:
+    restored, meta = ckpts.restore_latest(state)
+    ckpts.verify_best(state.variables())
+  except checkpoints.CheckpointError:
+    ckpts.close()
+    raise
   if restored is not None:
     try:
       check_resumable(config, meta, os.path.join(ckpts.latest.directory,
@@ -322,6 +385,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                       _num_evaluations(config, start_step, spe, num_steps))
   best_eval = None  # (step, metrics, predictions) of a best found in this run
   train_metrics = []
+  watch = divergence.Watch(divergence.Policy.from_config(config), start_step)
   # From here on a signal stops the run after the current step, saved
   # (before, there is nothing unsaved to lose: the default action is fine).
   with PreemptionGuard(ckpts) as guard:
@@ -331,10 +395,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         state, metrics = train_step(state, batch)
       train_metrics.append(metrics)
       done = step + 1
+      watch.push(done, metrics)
+      _check(ckpts, writer, watch, lag=1)  # the step before: this one stays queued
+      ckpts.check_saved()  # a background save that failed (a full disk) stops here
       if step == start_step:
         jax.block_until_ready(metrics)
         progress.compiled(done)
       if done % config.log_every_steps == 0 or done == num_steps:
+        _check(ckpts, writer, watch)
         m = jax.device_get(train_metrics)
         rate = progress.train_interval(done)
         writer.write_scalars(done, {
@@ -346,26 +414,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             'train/nan_skipped_total': int(state.nan_count),
             'train/steps_per_sec': rate,
             'train/examples_per_sec': rate * config.data.batch_size})
-        logging.info('step %d/%d: %.1f steps/s, ETA %s', done, num_steps, rate,
-                     _format_eta(progress.eta_seconds(done)))
+        logging.info('step %d/%d: %.1f steps/s, ETA %s, %d skipped (non-finite loss)',
+                     done, num_steps, rate, _format_eta(progress.eta_seconds(done)),
+                     int(state.nan_count))
         train_metrics = []
       epoch_end = done % spe == 0
       epoch = done // spe
       if epoch_end and (epoch % config.eval_every_epochs == 0 or done == num_steps):
+        _check(ckpts, writer, watch)
         t0 = time.time()
-        result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn, mesh)
+        try:
+          result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn,
+                                                  mesh)
+        except evaluate.NonFinitePredictions as e:
+          _diverged(ckpts, writer, done, f'evaluation: {e}', watch)
         writer.write_scalars(done, {f'eval/{k}': result[k] for k in ('mpjpe', 'p_mpjpe', 'pck')
                                     if k in result})
+        _check_params(ckpts, writer, state, done, watch)
         if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch},
                                 config.model.dataset):
           best_eval = (done, result, preds)
         logging.info('epoch %d: val MPJPE %.2f mm (best %.2f)', epoch, result['mpjpe'],
                      ckpts.best_mpjpe())
         progress.evaluated(time.time() - t0)
-      if done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps:
+      if ((done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps)
+          and _saveable(ckpts, writer, state, done, watch)):
         ckpts.save_latest(state, _latest_meta(state, done, data_steps))
       if guard.requested(done):  # every step: the multi-host sync point needs it
-        _save_and_stop(ckpts, writer, state, done, guard, data_steps)
+        _save_and_stop(ckpts, writer, state, done, guard, data_steps, watch)
+  _check(ckpts, writer, watch)
   ckpts.wait()
   writer.flush()
 

@@ -21,6 +21,7 @@ from contextpose_jax import fileio
 from contextpose_jax import skeleton
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models import HRNET_WIDTHS
+from contextpose_jax.models import MATMUL_PRECISIONS
 from contextpose_jax.models import cpn
 from contextpose_jax.models import folding
 from contextpose_jax.models import hrnet
@@ -125,6 +126,84 @@ def default_model_config(backbone: str = "hrnet_32",
   return c
 
 
+class ModelConfigError(ValueError):
+  """A model config field that cannot work; one line naming the field."""
+
+
+_DTYPES = ("float32", "bfloat16")
+_BOOL_FIELDS = ("deformable", "train_backbone", "use_context")
+_RATE_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+# Fields a model config may leave out (older files): they take the official
+# values. The others define the weights' shapes and must be there.
+_OPTIONAL_FIELDS = ("backbone_kwargs", "backbone_dtype", "lifter_dtype", "matmul_precision",
+                    "dataset", "deformable", "train_backbone", "use_context", "mlp_ratio",
+                    *_RATE_FIELDS)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+  return (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)) and np.isfinite(value))
+
+
+def check_model_config(model_config: Mapping[str, Any], where: str = "config.model") -> None:
+  """Every field of a model config: known names, types, ranges, the dtypes
+  and precisions allowed, `embed_dim` divisible by the attention heads.
+  Raises ModelConfigError naming `where` (a config path, or a file) and the
+  field, before anything is built or written."""
+  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+
+  def fail(name, why):
+    raise ModelConfigError(f"{where}.{name}={cfg.get(name)!r} {why}")
+
+  known = set(default_model_config().to_dict())
+  unknown = sorted(set(cfg) - known)
+  if unknown:
+    raise ModelConfigError(f"{where} has unknown field(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(sorted(known))}")
+  missing = [k for k in sorted(known - set(cfg)) if k not in _OPTIONAL_FIELDS]
+  if missing:
+    raise ModelConfigError(f"{where} lacks the field(s) {', '.join(missing)}")
+  if cfg["backbone"] not in BACKBONES:
+    fail("backbone", f"is not one of: {', '.join(BACKBONES)}")
+  if cfg.get("dataset", "h36m") not in ("h36m", "3dhp"):
+    fail("dataset", "is not one of: h36m, 3dhp")
+  for name in ("backbone_dtype", "lifter_dtype"):
+    if cfg.get(name, "float32") not in _DTYPES:
+      fail(name, f"is not one of: {', '.join(_DTYPES)}")
+  if cfg.get("matmul_precision", "highest") not in MATMUL_PRECISIONS:
+    fail("matmul_precision", f"is not one of: {', '.join(MATMUL_PRECISIONS)}")
+  for name in ("embed_dim", "depth", "num_heads"):
+    if not _is_int(cfg[name]) or cfg[name] < 1:
+      fail(name, "must be a positive integer")
+  if cfg["embed_dim"] % cfg["num_heads"]:
+    fail("embed_dim", f"is not divisible by num_heads={cfg['num_heads']}")
+  deformable = cfg.get("deformable", True) and cfg.get("use_context", True)
+  if deformable and cfg["embed_dim"] % Lifter.deformable_heads:
+    fail("embed_dim", f"is not divisible by the {Lifter.deformable_heads} heads of the "
+         "deformable blocks")
+  if "mlp_ratio" in cfg and (not _is_real(cfg["mlp_ratio"]) or cfg["mlp_ratio"] <= 0):
+    fail("mlp_ratio", "must be a positive number")
+  for name in _RATE_FIELDS:
+    if name in cfg and not (_is_real(cfg[name]) and 0 <= cfg[name] < 1):
+      fail(name, "must be a number in [0, 1)")
+  for name in _BOOL_FIELDS:
+    if name in cfg and not isinstance(cfg[name], (bool, np.bool_)):
+      fail(name, "must be true or false")
+  kwargs = cfg.get("backbone_kwargs") or {}
+  if not isinstance(kwargs, Mapping):
+    fail("backbone_kwargs", "must be a mapping")
+  module = hrnet.HRNet if cfg["backbone"] in HRNET_WIDTHS else cpn.CPN
+  allowed = set(module.__dataclass_fields__) - {"parent", "name", "dtype", "matmul_precision"}
+  extra = sorted(set(kwargs) - allowed)
+  if extra:
+    raise ModelConfigError(f"{where}.backbone_kwargs has unknown field(s) {', '.join(extra)} "
+                           f"for {cfg['backbone']}; known: {', '.join(sorted(allowed))}")
+
+
 def build_backbone(backbone: str, backbone_kwargs: Mapping[str, Any] | None = None,
                    dtype: str = "float32", matmul_precision: str = "highest") -> nn.Module:
   kwargs = dict(backbone_kwargs or {})
@@ -214,10 +293,14 @@ def load_model_config(directory: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: not found; {directory} is not a converted "
                             "checkpoint directory (see weights_conversion/convert.py)")
-  with open(path) as f:
-    record = json.load(f)
-  if "model_config" not in record:
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(record, dict) or not isinstance(record.get("model_config"), dict):
     raise ValueError(f"{path}: no 'model_config' entry")
+  check_model_config(record["model_config"], f"{path}: model_config")
   return ml_collections.ConfigDict(record["model_config"])
 
 
