@@ -30,6 +30,7 @@ from typing import Sequence
 from absl import flags
 
 import configs
+from contextpose_jax import paths
 
 # The configuration files shipped in the `configs` package (they import each
 # other as `configs.*`, so the package must be importable: from a checkout or
@@ -96,11 +97,15 @@ def values(flag_values: flags.FlagValues) -> types.SimpleNamespace:
 
 def resolve_config_arg(argv: Sequence[str]) -> list[str]:
   """`--config=configs/NAME.py` names the shipped config when no such file
-  exists relative to the working directory (e.g. after `pip install`)."""
+  exists relative to the working directory (e.g. after `pip install`);
+  `~` and `$VARS` in a config path are expanded."""
   out = []
   for arg in argv:
     if arg.startswith('--config='):
       path, sep, overrides = arg[len('--config='):].partition(':')
+      if path.startswith('~') or '$' in path:  # else kept as typed, for errors
+        path = paths.expand(path)
+        arg = f'--config={path}{sep}{overrides}'
       shipped = os.path.join(CONFIGS_DIR, os.path.basename(path))
       if not os.path.exists(path) and os.path.isfile(shipped):
         arg = f'--config={shipped}{sep}{overrides}'

@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from contextpose_jax import cli
+from contextpose_jax import paths
 
 def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
   """This command's flags, new for every parse: ml_collections finds the
@@ -50,8 +51,8 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_float("peak_fraction", 0.5, "Fraction of the chip's peak FLOP/s and HBM "
                      "bandwidth the estimates assume.", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print the report as JSON.", flag_values=fv)
-  flags.DEFINE_string("hlo", None, "Write each compiled program's optimized HLO to this "
-                      "directory (created).", flag_values=fv)
+  paths.define_path("hlo", None, "Write each compiled program's optimized HLO to this "
+                    "directory (created).", flag_values=fv)
   return fv
 
 
@@ -67,6 +68,7 @@ def _parse(argv: Sequence[str]):
     raise cli.error(f"--config: cannot load the config file ({e})") from None
   if fv.config is None:
     raise cli.error("--config is required (e.g. --config=configs/h36m_hrnet32.py)")
+  paths.expand_config(fv.config)
   if not 0 < fv.peak_fraction <= 1:
     raise cli.error(f"--peak_fraction={fv.peak_fraction}: must be in (0, 1]")
   return cli.values(fv)

@@ -29,9 +29,10 @@ from contextpose_jax import cli
 from contextpose_jax import compile_cache
 from contextpose_jax import host_devices
 from contextpose_jax import host_memory
+from contextpose_jax import paths
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, eval.json.')
+paths.define_path('workdir', None, 'Directory for checkpoints, logs, eval.json.')
 config_flags.DEFINE_config_file(
     'config', os.path.join(cli.CONFIGS_DIR, 'synthetic.py'),
     'Training configuration file: a path, or the name of a shipped config '
@@ -41,9 +42,10 @@ flags.DEFINE_bool('jax_distributed', False,
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
-flags.DEFINE_string('compilation_cache', 'default',
-                    "JAX's persistent compilation cache directory; 'default': "
-                    '$CONTEXTPOSE_JAX_CACHE or ~/.cache/contextpose_jax/xla; off: off')
+paths.define_path('compilation_cache', 'default',
+                  "JAX's persistent compilation cache directory; 'default': "
+                  '$CONTEXTPOSE_JAX_CACHE or ~/.cache/contextpose_jax/xla; off: off',
+                  keep=('default', *compile_cache.OFF))
 flags.DEFINE_enum('host_malloc', None, host_memory.SETTINGS,
                   'glibc malloc settings that spare XLA:CPU a page fault per touched '
                   'page of its temporaries every step (contextpose_jax/host_memory.py); '
@@ -127,6 +129,7 @@ def parse_flags(argv):
   try:
     rest = FLAGS(argv)
     FLAGS.config.keys  # pylint: disable=pointless-statement  # raises if it failed to load
+    paths.expand_config(FLAGS.config)
   except flags.Error as e:
     text = str(e)
     # A config file that raised: its traceback is the useful part.

@@ -23,6 +23,7 @@ from contextpose_jax import cli
 from contextpose_jax import host_devices
 from contextpose_jax import image_io
 from contextpose_jax import locking
+from contextpose_jax import paths
 from data_prep import human36m
 from data_prep import mpi_inf_3dhp
 from data_prep import records
@@ -35,10 +36,10 @@ _FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
 flags.DEFINE_enum('name', None, NAMES,
                   'the dataset (or give it as the first argument)',
                   flag_values=_FLAGS)
-flags.DEFINE_string('manual_dir', None, 'the downloaded / prepared files',
-                    flag_values=_FLAGS)
-flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write (required)',
-                    flag_values=_FLAGS)
+paths.define_path('manual_dir', None, 'the downloaded / prepared files',
+                  flag_values=_FLAGS)
+paths.define_path('data_dir', None, 'TFDS data_dir to write (required)',
+                  flag_values=_FLAGS)
 flags.DEFINE_enum('image_format', 'jpeg', ('jpeg', 'png'),
                   'crops as JPEG (default) or lossless PNG', flag_values=_FLAGS)
 flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality, 0..100',

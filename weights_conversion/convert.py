@@ -42,6 +42,7 @@ import numpy as np
 
 from contextpose_jax import cli
 from contextpose_jax import host_devices
+from contextpose_jax import paths
 from contextpose_jax.models import BACKBONES
 from contextpose_jax.models import capf
 from contextpose_jax.models.torch_import import ConversionError
@@ -215,8 +216,8 @@ flags.DEFINE_enum("backbone", None, BACKBONES,
                   "backbone of a --kind=capf checkpoint (default hrnet_32)", flag_values=_FLAGS)
 flags.DEFINE_enum("dataset", "h36m", ("h36m", "3dhp"),
                   "which CA-PF model a --kind=capf file holds", flag_values=_FLAGS)
-flags.DEFINE_string("input", None, "the PyTorch file", flag_values=_FLAGS)
-flags.DEFINE_string("output", None, "new directory to write", flag_values=_FLAGS)
+paths.define_path("input", None, "the PyTorch file", flag_values=_FLAGS)
+paths.define_path("output", None, "new directory to write", flag_values=_FLAGS)
 for _name in ("kind", "input", "output"):
   flags.mark_flag_as_required(_name, flag_values=_FLAGS)
 

@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from contextpose_jax import paths
 from contextpose_jax import skeleton
 from contextpose_jax.data import transforms
 
@@ -73,8 +74,8 @@ def dataset_kind(name: str) -> str:
 def resolve_data_dir(config) -> str:
   """Fills an empty `config.data.data_dir` with the TFDS default."""
   if not config.data.data_dir:
-    config.data.data_dir = (os.environ.get('TFDS_DATA_DIR')
-                            or os.path.expanduser('~/tensorflow_datasets'))
+    config.data.data_dir = paths.expand(os.environ.get('TFDS_DATA_DIR')
+                                        or '~/tensorflow_datasets')
   return config.data.data_dir
 
 
