@@ -19,6 +19,7 @@ from absl import flags
 import jax
 from jax.experimental import multihost_utils
 
+from configs import synthetic as synthetic_config
 from contextpose_jax import cli
 from contextpose_jax import host_devices
 from contextpose_jax import image_io
@@ -30,6 +31,7 @@ from data_prep import records
 from data_prep import synthetic
 
 NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
+SYNTHETIC = synthetic_config.SYNTHETIC_OPTIONS
 
 
 _FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
@@ -61,14 +63,16 @@ flags.DEFINE_enum('labels', 'auto', ('auto', 'pickle', 'raw'),
                   'raw CDF poses (auto: pickles when present)',
                   flag_values=_FLAGS)
 # synthetic_human36m
-flags.DEFINE_integer('num_train', 4096, 'synthetic_human36m: train examples',
-                     flag_values=_FLAGS)
-flags.DEFINE_integer('num_validation', 1024,
+# synthetic_human36m: the defaults are the quick start's set (configs/synthetic.py).
+flags.DEFINE_integer('num_train', SYNTHETIC['num_train'],
+                     'synthetic_human36m: train examples', flag_values=_FLAGS)
+flags.DEFINE_integer('num_validation', SYNTHETIC['num_validation'],
                      'synthetic_human36m: validation examples',
                      flag_values=_FLAGS)
-flags.DEFINE_integer('frames_per_video', 64, 'synthetic_human36m',
+flags.DEFINE_integer('frames_per_video', SYNTHETIC['frames_per_video'],
+                     'synthetic_human36m', flag_values=_FLAGS)
+flags.DEFINE_integer('seed', SYNTHETIC['seed'], 'synthetic_human36m',
                      flag_values=_FLAGS)
-flags.DEFINE_integer('seed', 0, 'synthetic_human36m', flag_values=_FLAGS)
 
 
 def parse_args(argv):
@@ -133,22 +137,45 @@ def run(args) -> str:
 
 
 def build_if_missing(config, log=print) -> None:
-  """Builds the download-free synthetic set on first use (`main.py`).
+  """Builds the download-free synthetic set on first use (`capf-train`).
 
-  Only `synthetic_human36m` with `config.data.build_if_missing` is built; an
-  existing build in `config.data.data_dir` is used as it is. With several
-  processes, process 0 builds and the others wait for it.
+  Only `synthetic_human36m` with `config.data.build_if_missing` is built. An
+  existing build in `config.data.data_dir` is used only when it is the set
+  the config asks for (`check_synthetic_build`). With several processes,
+  process 0 builds and the others wait for it.
   """
   if not (config.data.get('build_if_missing', False) and config.data.name == synthetic.NAME):
     return
-  final_dir = os.path.join(config.data.data_dir, synthetic.NAME, records.VERSION)
-  if jax.process_index() == 0 and not os.path.isdir(final_dir):
-    options = config.data.get('synthetic', None) or {}
-    options = dict(options.to_dict() if hasattr(options, 'to_dict') else options)
-    log(f'Building {synthetic.NAME} into {config.data.data_dir} (first use): {options}')
-    synthetic.build(config.data.data_dir, log=log, **options)
+  data_dir = config.data.data_dir
+  final_dir = os.path.join(data_dir, synthetic.NAME, records.VERSION)
+  options = config.data.get('synthetic', None) or {}
+  options = dict(options.to_dict() if hasattr(options, 'to_dict') else options)
+  if os.path.isdir(final_dir):
+    check_synthetic_build(final_dir, data_dir, dict(synthetic.OPTIONS, **options))
+  elif jax.process_index() == 0:
+    log(f'Building {synthetic.NAME} into {data_dir} (first use): {options}')
+    synthetic.build(data_dir, log=log, **options)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('dataset_built')
+
+
+def check_synthetic_build(final_dir: str, data_dir: str, asked: dict) -> None:
+  """Raises `records.DataError` (one line: found, asked, how to rebuild)
+  when the finished build in `final_dir` is not the set `asked` describes."""
+  found = records.built_options(final_dir)
+  if found is None:  # built before the options were kept: the split sizes
+    sizes = records.split_sizes(final_dir)
+    found = {'num_train': sizes.get('train'), 'num_validation': sizes.get('validation')}
+  differ = [k for k in asked if k in found and found[k] != asked[k]]
+  if not differ:
+    return
+  flags_ = ' '.join(f'--{k}={asked[k]}' for k in asked)
+  raise records.DataError(
+      f'{final_dir} holds another synthetic set: '
+      f'{", ".join(f"{k}={found[k]}" for k in differ)}; the config asks for '
+      f'{", ".join(f"{k}={asked[k]}" for k in differ)}. Rebuild it with '
+      f'`capf-build-dataset {synthetic.NAME} --data_dir={data_dir} {flags_} '
+      '--overwrite`, or choose another --config.data.data_dir')
 
 
 def main(argv=None) -> int:
