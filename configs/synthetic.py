@@ -16,6 +16,7 @@ from configs import default
 # The synthetic set of the quick start, and the default of
 # `capf-build-dataset synthetic_human36m` (data_prep/synthetic.py): one
 # source, so a set built first with the builder is the one training asks for.
+SYNTHETIC_NAME = 'synthetic_human36m'
 SYNTHETIC_OPTIONS = dict(num_train=8192, num_validation=1024, frames_per_video=64, seed=0)
 
 
@@ -32,7 +33,7 @@ def get_config():
   config.model.depth = 2
   config.model.drop_path_rate = 0.0
 
-  config.data.name = 'synthetic_human36m'
+  config.data.name = SYNTHETIC_NAME
   config.data.build_if_missing = True
   config.data.num_workers = 2
   config.data.synthetic = dict(SYNTHETIC_OPTIONS)

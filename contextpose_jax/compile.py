@@ -61,13 +61,14 @@ def _parse(argv: Sequence[str]):
   fv = _flag_values(argv)
   try:
     cli.parse(fv, argv, __doc__)
+    if fv.config is None:
+      raise cli.error("--config is required (e.g. --config=configs/h36m_hrnet32.py)")
+    fv.config.keys  # pylint: disable=pointless-statement  # raises if it failed to load
   except (AttributeError, KeyError) as e:  # --config.typo=...: a field the config lacks
     raise cli.error(f"a --config. override names a field the config does not have ({e})"
                     ) from None
   except OSError as e:  # the config file itself
-    raise cli.error(f"--config: cannot load the config file ({e})") from None
-  if fv.config is None:
-    raise cli.error("--config is required (e.g. --config=configs/h36m_hrnet32.py)")
+    raise cli.error(cli.config_file_error(argv, e)) from None
   paths.expand_config(fv.config)
   if not 0 < fv.peak_fraction <= 1:
     raise cli.error(f"--peak_fraction={fv.peak_fraction}: must be in (0, 1]")

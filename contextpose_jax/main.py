@@ -22,7 +22,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from contextpose_jax import cli
@@ -33,10 +32,14 @@ from contextpose_jax import paths
 
 FLAGS = flags.FLAGS
 paths.define_path('workdir', None, 'Directory for checkpoints, logs, eval.json.')
+# No default here: absl would load it (and apply the overrides) as this module
+# is imported; `run` adds DEFAULT_CONFIG when --config is left out.
+DEFAULT_CONFIG = os.path.join(cli.CONFIGS_DIR, 'synthetic.py')
 config_flags.DEFINE_config_file(
-    'config', os.path.join(cli.CONFIGS_DIR, 'synthetic.py'),
+    'config', None,
     'Training configuration file: a path, or the name of a shipped config '
-    '(e.g. configs/h36m_hrnet32.py from any directory).', lock_config=True)
+    '(e.g. configs/h36m_hrnet32.py from any directory); default: '
+    'configs/synthetic.py.', lock_config=True)
 flags.DEFINE_bool('jax_distributed', False,
                   'Call jax.distributed.initialize() with cluster auto-detection.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
@@ -54,6 +57,7 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.coordinator_address or FLAGS.jax_distributed:
     # Cross-process collectives of the CPU backend need an implementation;
     # harmless on GPU/TPU. (Asking for the backend here would initialise it
@@ -133,16 +137,24 @@ def parse_flags(argv):
   except flags.Error as e:
     text = str(e)
     # A config file that raised: its traceback is the useful part.
-    _fail(text if 'Error whilst parsing config file' in text else _first_line(text))
+    _fail(text if 'Error whilst parsing config file' in text
+          else cli.one_line(_first_line(text)))
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for `--config.typo=...` (a field the
     # config does not have).
     _fail(_override_error(argv, e))
   except OSError as e:  # the config file itself (missing, unreadable)
-    arg = ([a for a in argv[1:] if a.startswith('--config=')] or ['--config'])[-1]
-    lines = [l.strip() for l in str(e.__cause__ or e).splitlines() if l.strip()]
-    _fail(f'{arg}: cannot load the config file ({lines[-1] if lines else e})')
+    _fail(cli.config_file_error(argv[1:], e))
+  if not FLAGS.workdir:  # `--workdir=` (absl only refuses a missing one)
+    _fail('--workdir is required')
   return rest
+
+
+def with_default_config(argv):
+  """`argv` with `--config=DEFAULT_CONFIG` when it names no config."""
+  if any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    return list(argv)
+  return [*argv, f'--config={DEFAULT_CONFIG}']
 
 
 def main(argv):
@@ -156,6 +168,7 @@ def main(argv):
     _fail(str(e))
   _init_distributed()
   compile_cache.enable(FLAGS.compilation_cache)
+  import jax  # pylint: disable=g-import-not-at-top  # once the flags are valid
   # Imported after the distributed init (it must precede any JAX computation).
   from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from contextpose_jax import config_validation  # pylint: disable=g-import-not-at-top
@@ -194,7 +207,8 @@ def main(argv):
 def run():
   """Console-script entry point (`capf-train`) and `python main.py`."""
   sys.modules['__main__'].__doc__ = __doc__  # what absl prints for --help
-  app.run(main, argv=cli.resolve_config_arg(sys.argv), flags_parser=parse_flags)
+  argv = with_default_config(cli.resolve_config_arg(sys.argv))
+  app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -48,6 +48,8 @@ def define_path(name: str, default: str | None, help: str,  # pylint: disable=re
   """A string flag whose value is `expand`-ed when parsed."""
   # Listed under the calling module in --help, like a flags.DEFINE_* there.
   module = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
+  if module == '__main__':  # absl's name for it (python -m / a script)
+    module = sys.argv[0]
   return flags.DEFINE(_PathParser(keep), name, default, help, flag_values=flag_values,
                       serializer=flags.ArgumentSerializer(), module_name=module)
 

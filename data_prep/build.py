@@ -16,19 +16,15 @@ import os
 import sys
 
 from absl import flags
-import jax
-from jax.experimental import multihost_utils
 
 from configs import synthetic as synthetic_config
 from contextpose_jax import cli
 from contextpose_jax import host_devices
-from contextpose_jax import image_io
 from contextpose_jax import locking
 from contextpose_jax import paths
-from data_prep import human36m
-from data_prep import mpi_inf_3dhp
-from data_prep import records
-from data_prep import synthetic
+
+# jax, TFDS, OpenCV and the builders are imported once the command line is
+# valid (`_builders()`): `--help` and a bad flag answer at once.
 
 NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
 SYNTHETIC = synthetic_config.SYNTHETIC_OPTIONS
@@ -98,8 +94,19 @@ def parse_args(argv):
   return args
 
 
+def _builders():
+  """The heavy modules: (records, synthetic, human36m, mpi_inf_3dhp)."""
+  # pylint: disable=g-import-not-at-top
+  from data_prep import human36m
+  from data_prep import mpi_inf_3dhp
+  from data_prep import records
+  from data_prep import synthetic
+  return records, synthetic, human36m, mpi_inf_3dhp
+
+
 def check_args(args) -> None:
   """Option values, before any work (one line naming the option)."""
+  records = _builders()[0]
   positive = {'--num_workers': args.num_workers,
               '--examples_per_shard': args.examples_per_shard}
   if args.name == 'synthetic_human36m':
@@ -115,6 +122,7 @@ def check_args(args) -> None:
 
 
 def run(args) -> str:
+  records, synthetic, human36m, mpi_inf_3dhp = _builders()
   check_args(args)
   common = dict(data_dir=args.data_dir, image_format=args.image_format,
                 jpeg_quality=args.jpeg_quality, num_workers=args.num_workers,
@@ -144,8 +152,12 @@ def build_if_missing(config, log=print) -> None:
   the config asks for (`check_synthetic_build`). With several processes,
   process 0 builds and the others wait for it.
   """
-  if not (config.data.get('build_if_missing', False) and config.data.name == synthetic.NAME):
+  if not (config.data.get('build_if_missing', False)
+          and config.data.name == synthetic_config.SYNTHETIC_NAME):
     return
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  records, synthetic, _, _ = _builders()
   data_dir = config.data.data_dir
   final_dir = os.path.join(data_dir, synthetic.NAME, records.VERSION)
   options = config.data.get('synthetic', None) or {}
@@ -162,6 +174,7 @@ def build_if_missing(config, log=print) -> None:
 def check_synthetic_build(final_dir: str, data_dir: str, asked: dict) -> None:
   """Raises `records.DataError` (one line: found, asked, how to rebuild)
   when the finished build in `final_dir` is not the set `asked` describes."""
+  records, synthetic, _, _ = _builders()
   found = records.built_options(final_dir)
   if found is None:  # built before the options were kept: the split sizes
     sizes = records.split_sizes(final_dir)
@@ -190,6 +203,8 @@ def main(argv=None) -> int:
   except cli.Exit as e:
     return e.code
   host_devices.skip_absent_backends()
+  from contextpose_jax import image_io  # pylint: disable=g-import-not-at-top
+  records = _builders()[0]
   try:
     run(args)
   except (records.DataError, locking.LockHeldError,

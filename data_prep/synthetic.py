@@ -29,7 +29,7 @@ from contextpose_jax import geometry
 from data_prep import h36m_metadata
 from data_prep import records
 
-NAME = 'synthetic_human36m'
+NAME = synthetic_config.SYNTHETIC_NAME
 # The default size and seed: the quick start's (configs/synthetic.py).
 OPTIONS = synthetic_config.SYNTHETIC_OPTIONS
 TRAIN_SUBJECTS = h36m_metadata.TRAIN_SUBJECTS

@@ -44,8 +44,6 @@ from contextpose_jax import cli
 from contextpose_jax import host_devices
 from contextpose_jax import paths
 from contextpose_jax.models import BACKBONES
-from contextpose_jax.models import capf
-from contextpose_jax.models.torch_import import ConversionError
 
 KINDS = ("capf", *BACKBONES)
 
@@ -182,6 +180,7 @@ def convert(kind: str, input_path: str, output_dir: str, *, backbone: str | None
       raise InputError(f"--backbone={backbone} contradicts --kind={kind}")
     backbone = kind
   backbone = backbone or "hrnet_32"
+  from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top  # after the flags
   model_config = capf.default_model_config(backbone, dataset)
   if kind != "capf":
     # A COCO file keeps its heatmap head (Predictor.heatmaps / detect_2d).
@@ -225,6 +224,8 @@ for _name in ("kind", "input", "output"):
 def main(argv=None) -> int:
   cli.parse(_FLAGS, argv, __doc__)
   args = _FLAGS
+  # jax / flax only once the command line is valid (--help stays instant).
+  from contextpose_jax.models.torch_import import ConversionError  # pylint: disable=g-import-not-at-top
   host_devices.skip_absent_backends()
   try:
     convert(args.kind, args.input, args.output, backbone=args.backbone, dataset=args.dataset)
