@@ -1,10 +1,15 @@
 r"""Trains and evaluates Context-Aware PoseFormer (CA-PF).
 
-  python main.py --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
-  python main.py --config=configs/h36m_hrnet32.py --workdir=DIR \
-      --config.backbone_init=weights/hrnet_w32_coco --config.data.data_dir=/data/tfds
-  python main.py --config=configs/h36m_hrnet32.py --workdir=DIR \
+  capf-train --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
+  capf-train --config=configs/h36m_hrnet32.py --workdir=DIR \
+      --config.backbone_init=ckpt/hrnet_w32_coco --config.data.data_dir=/data/tfds
+  capf-train --config=configs/h36m_hrnet32.py --workdir=DIR \
       --config.eval_only=True --config.init_from=CONVERTED_OR_WORKDIR
+
+(`python main.py ...` from a checkout.) Path flags and config paths expand `~`
+and `$VARS`. The console shows plain log lines, a line before each
+compilation and, on a terminal, progress bars; WORKDIR/train.log keeps the
+full log.
 
 A run restarted with the same --workdir resumes from its latest checkpoint.
 SIGTERM / SIGINT (a preemptible VM, a scheduler, Ctrl-C) stop it after the
@@ -160,7 +165,14 @@ def with_default_config(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from contextpose_jax import progress  # pylint: disable=g-import-not-at-top
+  # The console: plain lines (no absl prefix, no thread ids), the noise of
+  # the libraries left out, written through tqdm (bars stay intact).
+  root = logging_std.getLogger()
+  root.removeHandler(logging.get_absl_handler())
+  console = progress.ConsoleHandler()
+  console.addFilter(_QuietLibraries())
+  root.addHandler(console)
   host_devices.skip_absent_backends()
   try:  # first: it must precede the JAX backend's start
     host_memory.configure(FLAGS.host_malloc)
@@ -169,6 +181,11 @@ def main(argv):
   _init_distributed()
   compile_cache.enable(FLAGS.compilation_cache)
   import jax  # pylint: disable=g-import-not-at-top  # once the flags are valid
+  # WORKDIR/train.log: every record, absl's full format (before the console
+  # handler: its filter trims orbax's tracebacks).
+  index = jax.process_index()
+  root.handlers.insert(0, progress.WorkdirLog(
+      FLAGS.workdir, 'train.log' if index == 0 else f'train.{index}.log'))
   # Imported after the distributed init (it must precede any JAX computation).
   from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from contextpose_jax import config_validation  # pylint: disable=g-import-not-at-top

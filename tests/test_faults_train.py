@@ -33,9 +33,10 @@ import train_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = train_fixtures.CONFIG
-# absl log lines (I/W/E + date) are not the error: the error is the one line
+# Console log lines (`HH:MM:SS message`, `WARNING HH:MM:SS ...`:
+# contextpose_jax/progress.py) are not the error: the error is the one line
 # that is not a log line.
-LOG_LINE = re.compile(r'^[IWE]\d{4} ')
+LOG_LINE = re.compile(r'^((WARNING|ERROR|CRITICAL) )?\d\d:\d\d:\d\d ')
 
 
 @pytest.fixture(scope='module')
