@@ -1,14 +1,14 @@
 """The embedded default: CA-PF on the download-free `synthetic_human36m` set.
 
-Small enough to build the data, train and evaluate on 2 CPU cores in under
-10 minutes. No COCO weights exist for the synthetic images, so a tiny HRNet
+Small enough to build the data, train and evaluate on 2 CPU cores in about
+3 minutes (docs/training.md). No COCO weights exist for the synthetic images, so a tiny HRNet
 backbone is trained from scratch together with the lifter
 (`model.train_backbone`). Everything else (loss, AdamW, flip augmentation,
 flip test, metrics, checkpoints) is the Human3.6M recipe.
 
-  python main.py --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
+  capf-train --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
   # the context-free baseline (same lifter, no image context):
-  python main.py --config=configs/synthetic.py --workdir=/tmp/capf_synthetic_noctx \
+  capf-train --config=configs/synthetic.py --workdir=/tmp/capf_synthetic_noctx \
       --config.model.use_context=False
 """
 from configs import default

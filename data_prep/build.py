@@ -1,12 +1,13 @@
 r"""Builds a TFDS dataset of this project (replaces `tfds build`, no beam).
 
-  python -m data_prep.build NAME --manual_dir=DIR --data_dir=DIR \
-      [--image_format=jpeg|png]
-  capf-build-dataset NAME ...         (the same, installed; or --name=NAME)
+  capf-build-dataset NAME --manual_dir=DIR --data_dir=DIR \
+      [--image_format=jpeg|png]         (or --name=NAME)
+  python -m data_prep.build NAME ...   (the same, from a checkout)
 
 NAME is one of `human36m`, `mpi_inf_3dhp`, `synthetic_human36m` (the TFDS
 name; read the result with `tfds.data_source(NAME, split=..., data_dir=DIR)`).
-`synthetic_human36m` needs no --manual_dir. Builds run in parallel
+`synthetic_human36m` needs no --manual_dir; its default size is the quick
+start's (configs/synthetic.py). Paths may use `~` and `$VARS`. Builds run in parallel
 (`--num_workers`), print progress, resume an interrupted run, and register the
 dataset only once every shard is written.
 """

@@ -1,7 +1,7 @@
 r"""Converts official PyTorch checkpoints into Flax variable directories.
 
     capf-convert --kind=capf --backbone=hrnet_32 \
-        --input=best_epoch_hrnet_32.bin --output=converted/capf_hrnet_32
+        --input=best_epoch_hrnet_32.bin --output=ckpt/capf_hrnet_32
 
 Kinds and the files they take:
   hrnet_32, hrnet_48  COCO backbones: a plain state dict

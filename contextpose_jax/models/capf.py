@@ -33,7 +33,7 @@ from contextpose_jax.models.lifter import Lifter
 MODEL_CONFIG_FILE = "model_config.json"
 HEATMAP_HEAD_MISSING = (
     "this model has no COCO heatmap head (CA-PF checkpoints never include it): convert a "
-    "COCO backbone file (python -m weights_conversion.convert --kind=hrnet_32|hrnet_48|cpn "
+    "COCO backbone file (capf-convert --kind=hrnet_32|hrnet_48|cpn "
     "--input=pose_hrnet_w32_256x192.pth | pose_hrnet_w48_256x192.pth | "
     "CPN50_256x192.pth.tar) to get heatmaps and 2D keypoints")
 VARIABLES_DIR = "variables"
