@@ -112,8 +112,16 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
   """A tqdm progress bar with rate and ETA (see `bars_enabled`)."""
   file = file or sys.stderr
   enabled = bars_enabled(file) if enabled is None else enabled
+  # The terminal's size, followed as it changes; 80x24 where the terminal
+  # reports none (tqdm would draw an empty bar, or hide it).
+  try:
+    sized = os.get_terminal_size(file.fileno()).columns > 0
+  except (AttributeError, OSError, ValueError):
+    sized = False
   return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=file,
-                   disable=not enabled, dynamic_ncols=True, leave=False, smoothing=0.1)
+                   disable=not enabled, dynamic_ncols=sized, ncols=None if sized else 80,
+                   nrows=None if sized else 24,
+                   leave=False, smoothing=0.1)
 
 
 class ConsoleFormatter(logging.Formatter):
