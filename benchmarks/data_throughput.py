@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from contextpose_jax import cli
+from contextpose_jax import paths
 from contextpose_jax.data import pipeline
 
 
@@ -74,8 +75,8 @@ def measure(data_dir: str | None = None, *, name: str = 'synthetic_human36m',
 
 
 _FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
-flags.DEFINE_string('data_dir', None, 'TFDS data_dir (default: a temporary '
-                    'synthetic build)', flag_values=_FLAGS)
+paths.define_path('data_dir', None, 'TFDS data_dir (default: a temporary '
+                  'synthetic build)', flag_values=_FLAGS)
 flags.DEFINE_string('name', 'synthetic_human36m', 'TFDS name', flag_values=_FLAGS)
 flags.DEFINE_integer('batch_size', 256, 'examples per batch', flag_values=_FLAGS)
 flags.DEFINE_integer('num_batches', 30, 'batches timed', flag_values=_FLAGS)

@@ -64,8 +64,10 @@ from absl import flags
 import numpy as np
 
 from contextpose_jax import cli
+from contextpose_jax import compile_cache
 from contextpose_jax import host_devices
 from contextpose_jax import host_memory
+from contextpose_jax import paths
 from contextpose_jax.models import BACKBONES
 
 ALL_ROWS = ("model", "train_step", "train", "blocks", "sampler", "conv", "compile",
@@ -1020,9 +1022,9 @@ flags.DEFINE_integer("compile_batch", 1, "Predictor batch of the compile rows",
 flags.DEFINE_integer("pipeline_batch", 256, "input pipeline batch", flag_values=_FLAGS)
 flags.DEFINE_integer("pipeline_batches", 20, "input pipeline batches timed",
                      flag_values=_FLAGS)
-flags.DEFINE_string("data_dir", None,
-                    "TFDS data dir for the pipeline row (default: a synthetic set "
-                    "built in a temporary directory, not timed)", flag_values=_FLAGS)
+paths.define_path("data_dir", None,
+                  "TFDS data dir for the pipeline row (default: a synthetic set "
+                  "built in a temporary directory, not timed)", flag_values=_FLAGS)
 flags.DEFINE_string("dataset", "synthetic_human36m", "TFDS name for the pipeline row",
                     flag_values=_FLAGS)
 flags.DEFINE_integer("warmup", 2, "untimed calls after the first", flag_values=_FLAGS)
@@ -1036,10 +1038,11 @@ flags.DEFINE_bool("tiny", False,
                   "(width 8) and lifter (C = 32, depth 1), batch 2-4, 1 repeat, "
                   "no warm-up; rows default to model,train_step,train,sampler,compile",
                   flag_values=_FLAGS)
-flags.DEFINE_string("compilation_cache", None,
-                    "persistent JAX compilation cache directory of this process "
-                    "(default: contextpose_jax.compile_cache's; 'off': none). The "
-                    "compile rows use their own fresh directory", flag_values=_FLAGS)
+paths.define_path("compilation_cache", None,
+                  "persistent JAX compilation cache directory of this process "
+                  "(default: contextpose_jax.compile_cache's; 'off': none). The "
+                  "compile rows use their own fresh directory", flag_values=_FLAGS,
+                  keep=compile_cache.OFF)
 flags.DEFINE_enum("host_malloc", "off", host_memory.SETTINGS,
                   "contextpose_jax.host_memory's glibc malloc settings for this "
                   "process, torch's calls included. Off by default: the PyTorch "
@@ -1051,7 +1054,7 @@ flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ("PASSIVE", "ACTIVE", "unset"),
                   "default: torch's OpenMP threads spin-waiting at every op's barrier "
                   "collapse (10-40x slower) when other processes share the cores",
                   flag_values=_FLAGS)
-flags.DEFINE_string("json", None, "also write the rows and machine here", flag_values=_FLAGS)
+paths.define_path("json", None, "also write the rows and machine here", flag_values=_FLAGS)
 
 
 def parse_args(argv):

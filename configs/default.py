@@ -11,7 +11,7 @@ Every field can be overridden on the command line, e.g.
 """
 import ml_collections
 
-from contextpose_jax.models import capf
+from contextpose_jax.models import defaults
 
 
 def get_config():
@@ -24,9 +24,9 @@ def get_config():
 
   # --- model: `contextpose_jax.models.capf.build_model(config.model)` ---
   # The official architecture (every field, with its meaning, is listed in
-  # `capf.default_model_config`): backbone 'hrnet_32' | 'hrnet_48' | 'cpn',
+  # `defaults.default_model_config`): backbone 'hrnet_32' | 'hrnet_48' | 'cpn',
   # dataset 'h36m' | '3dhp', the lifter's sizes, the precision policy.
-  config.model = capf.default_model_config('hrnet_32', 'h36m')
+  config.model = defaults.default_model_config('hrnet_32', 'h36m')
   # Precision policy. The defaults are the parity-exact setting (the official
   # model's outputs to ~1e-6). On GPUs/TPUs train with the fast setting:
   #   --config.model.matmul_precision=default --config.model.lifter_dtype=bfloat16

@@ -5,12 +5,12 @@ x 0.97 per epoch, batch 160, no flip augmentation in training, flip test on;
 metrics on the valid frames of TS1-TS6.
 """
 from configs import default
-from contextpose_jax.models import capf
+from contextpose_jax.models import defaults
 
 
 def get_config():
   config = default.get_config()
-  config.model = capf.default_model_config('hrnet_32', '3dhp')  # C = 64, no deformable blocks
+  config.model = defaults.default_model_config('hrnet_32', '3dhp')  # C = 64, no deformable blocks
   config.data.name = 'mpi_inf_3dhp'
   config.data.eval_split = 'test'
   config.data.flip_augmentation = False

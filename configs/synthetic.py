@@ -1,17 +1,23 @@
 """The embedded default: CA-PF on the download-free `synthetic_human36m` set.
 
-Small enough to build the data, train and evaluate on 2 CPU cores in under
-10 minutes. No COCO weights exist for the synthetic images, so a tiny HRNet
+Small enough to build the data, train and evaluate on 2 CPU cores in about
+3 minutes (docs/training.md). No COCO weights exist for the synthetic images, so a tiny HRNet
 backbone is trained from scratch together with the lifter
 (`model.train_backbone`). Everything else (loss, AdamW, flip augmentation,
 flip test, metrics, checkpoints) is the Human3.6M recipe.
 
-  python main.py --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
+  capf-train --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
   # the context-free baseline (same lifter, no image context):
-  python main.py --config=configs/synthetic.py --workdir=/tmp/capf_synthetic_noctx \
+  capf-train --config=configs/synthetic.py --workdir=/tmp/capf_synthetic_noctx \
       --config.model.use_context=False
 """
 from configs import default
+
+# The synthetic set of the quick start, and the default of
+# `capf-build-dataset synthetic_human36m` (data_prep/synthetic.py): one
+# source, so a set built first with the builder is the one training asks for.
+SYNTHETIC_NAME = 'synthetic_human36m'
+SYNTHETIC_OPTIONS = dict(num_train=8192, num_validation=1024, frames_per_video=64, seed=0)
 
 
 def get_config():
@@ -27,11 +33,10 @@ def get_config():
   config.model.depth = 2
   config.model.drop_path_rate = 0.0
 
-  config.data.name = 'synthetic_human36m'
+  config.data.name = SYNTHETIC_NAME
   config.data.build_if_missing = True
   config.data.num_workers = 2
-  config.data.synthetic = dict(num_train=8192, num_validation=1024, frames_per_video=64,
-                               seed=0)
+  config.data.synthetic = dict(SYNTHETIC_OPTIONS)
   config.batch_size = 32
   config.data.eval_batch_size = 128
   config.learning_rate = 2e-3

@@ -30,6 +30,7 @@ from typing import Sequence
 from absl import flags
 
 import configs
+from contextpose_jax import paths
 
 # The configuration files shipped in the `configs` package (they import each
 # other as `configs.*`, so the package must be importable: from a checkout or
@@ -57,16 +58,44 @@ def usage(flag_values: flags.FlagValues, doc: str) -> str:
   return f'{(doc or "").strip()}\n\nflags:\n' + '\n'.join(lines)
 
 
+# absl's wording for a required flag left out.
+_REQUIRED = re.compile(r'flag --(\w+)=None: Flag --\w+ must have a value other than None\.')
+
+
+def one_line(message: str) -> str:
+  """An error message on one line; absl's required-flag wording becomes
+  `--NAME is required` (`--A and --B are required`)."""
+  line = ' '.join(str(message).split())
+  missing = [f'--{name}' for name in _REQUIRED.findall(line)]
+  if missing and not _REQUIRED.sub('', line).strip():
+    line = (f'{missing[0]} is required' if len(missing) == 1 else
+            f'{", ".join(missing[:-1])} and {missing[-1]} are required')
+  return line
+
+
 def error(message: str) -> Exit:
   """A rejected command line: prints one line `error: ...` on stderr and
   returns the `Exit` (status 2) to raise."""
-  line = ' '.join(str(message).split())
-  missing = re.fullmatch(r'flag --(\w+)=None: Flag --\w+ must have a value other than None\.',
-                         line)
-  if missing:  # absl's wording for a required flag left out
-    line = f'--{missing.group(1)} is required'
-  print(f'error: {line}', file=sys.stderr)
+  print(f'error: {one_line(message)}', file=sys.stderr)
   return Exit(2)
+
+
+def shipped_configs() -> list[str]:
+  """The configuration files shipped in `configs/`, as `configs/NAME.py`."""
+  return sorted(f'configs/{name}' for name in os.listdir(CONFIGS_DIR)
+                if name.endswith('.py') and name != '__init__.py')
+
+
+def config_file_error(argv: Sequence[str], error_: BaseException) -> str:
+  """One line for a `--config` file that cannot be loaded; a path that does
+  not exist gets the list of the shipped configs."""
+  arg = ([a for a in argv if a.startswith('--config=')] or ['--config'])[-1]
+  path = arg.partition('=')[2].partition(':')[0]
+  if path and not os.path.exists(path):
+    return (f'{arg}: cannot load the config file (no such file); the shipped configs: '
+            f'{", ".join(shipped_configs())}')
+  lines = [l.strip() for l in str(error_.__cause__ or error_).splitlines() if l.strip()]
+  return f'{arg}: cannot load the config file ({lines[-1] if lines else error_})'
 
 
 def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None,
@@ -96,11 +125,15 @@ def values(flag_values: flags.FlagValues) -> types.SimpleNamespace:
 
 def resolve_config_arg(argv: Sequence[str]) -> list[str]:
   """`--config=configs/NAME.py` names the shipped config when no such file
-  exists relative to the working directory (e.g. after `pip install`)."""
+  exists relative to the working directory (e.g. after `pip install`);
+  `~` and `$VARS` in a config path are expanded."""
   out = []
   for arg in argv:
     if arg.startswith('--config='):
       path, sep, overrides = arg[len('--config='):].partition(':')
+      if path.startswith('~') or '$' in path:  # else kept as typed, for errors
+        path = paths.expand(path)
+        arg = f'--config={path}{sep}{overrides}'
       shipped = os.path.join(CONFIGS_DIR, os.path.basename(path))
       if not os.path.exists(path) and os.path.isfile(shipped):
         arg = f'--config={shipped}{sep}{overrides}'

@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from contextpose_jax import cli
+from contextpose_jax import paths
 
 def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
   """This command's flags, new for every parse: ml_collections finds the
@@ -50,8 +51,8 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_float("peak_fraction", 0.5, "Fraction of the chip's peak FLOP/s and HBM "
                      "bandwidth the estimates assume.", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print the report as JSON.", flag_values=fv)
-  flags.DEFINE_string("hlo", None, "Write each compiled program's optimized HLO to this "
-                      "directory (created).", flag_values=fv)
+  paths.define_path("hlo", None, "Write each compiled program's optimized HLO to this "
+                    "directory (created).", flag_values=fv)
   return fv
 
 
@@ -60,13 +61,15 @@ def _parse(argv: Sequence[str]):
   fv = _flag_values(argv)
   try:
     cli.parse(fv, argv, __doc__)
+    if fv.config is None:
+      raise cli.error("--config is required (e.g. --config=configs/h36m_hrnet32.py)")
+    fv.config.keys  # pylint: disable=pointless-statement  # raises if it failed to load
   except (AttributeError, KeyError) as e:  # --config.typo=...: a field the config lacks
     raise cli.error(f"a --config. override names a field the config does not have ({e})"
                     ) from None
   except OSError as e:  # the config file itself
-    raise cli.error(f"--config: cannot load the config file ({e})") from None
-  if fv.config is None:
-    raise cli.error("--config is required (e.g. --config=configs/h36m_hrnet32.py)")
+    raise cli.error(cli.config_file_error(argv, e)) from None
+  paths.expand_config(fv.config)
   if not 0 < fv.peak_fraction <= 1:
     raise cli.error(f"--peak_fraction={fv.peak_fraction}: must be in (0, 1]")
   return cli.values(fv)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 ENV = 'CONTEXTPOSE_JAX_CACHE'
 OFF = ('', 'off', 'none', '0', 'false')
 
@@ -35,8 +33,9 @@ def enable(directory: str | None = 'default') -> str | None:
     directory = default_directory()
   if directory is None or directory.strip().lower() in OFF:
     return None
-  directory = os.path.abspath(os.path.expanduser(directory))
+  directory = os.path.abspath(os.path.expandvars(os.path.expanduser(directory)))
   os.makedirs(directory, exist_ok=True)
+  import jax  # pylint: disable=g-import-not-at-top  # not before the flags are read
   jax.config.update('jax_compilation_cache_dir', directory)
   # Cache every program that took a second or more: the small ones are
   # cheaper to compile than to look up.

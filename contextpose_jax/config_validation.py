@@ -106,7 +106,7 @@ def _converter_dir(path: str, field: str):
   if not os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
     raise ConfigError(
         f'config.{field}={path}: not a converter output directory (no '
-        f'{MODEL_CONFIG_FILE}); make one with `python -m weights_conversion.convert`')
+        f'{MODEL_CONFIG_FILE}); make one with `capf-convert`')
 
 
 def _model_source(path: str, field: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -15,6 +16,7 @@ from contextpose_jax import checkpoints
 from contextpose_jax import fileio
 from contextpose_jax import metrics
 from contextpose_jax import parallel
+from contextpose_jax import progress as console
 from contextpose_jax import steps
 from contextpose_jax.data import pipeline
 from contextpose_jax.models import capf
@@ -53,9 +55,17 @@ def predict_split(config, variables, predict_fn, mesh, split: str | None = None)
   split = split or config.data.eval_split
   variables = jax.device_put(variables, parallel.replicated(mesh))
   chunks = []
-  for local in pipeline.make_eval_iterator(config, split):
+  batches = pipeline.make_eval_iterator(config, split)
+  logging.info('evaluating %s/%s: %d batches', config.data.name, split, len(batches))
+  key = console.program_key('predict_step', config.model.to_dict(), config.flip_test,
+                            config.data.get('eval_batch_size', config.data.batch_size))
+  for i, local in enumerate(console.bar(batches, desc='evaluation', unit='batch')):
     batch = parallel.global_batch(local, mesh)
-    pred = predict_fn(variables, batch)
+    if i == 0:
+      with console.Compilation('the evaluation step', key):
+        pred = jax.block_until_ready(predict_fn(variables, batch))
+    else:
+      pred = predict_fn(variables, batch)
     keep = {'pred': pred, 'gt': batch['keypoints_3d'], 'mask': batch['mask']}
     keep.update({k: batch[k] for k in META_KEYS if k in batch})
     chunks.append(keep)

@@ -1,10 +1,15 @@
 r"""Trains and evaluates Context-Aware PoseFormer (CA-PF).
 
-  python main.py --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
-  python main.py --config=configs/h36m_hrnet32.py --workdir=DIR \
-      --config.backbone_init=weights/hrnet_w32_coco --config.data.data_dir=/data/tfds
-  python main.py --config=configs/h36m_hrnet32.py --workdir=DIR \
+  capf-train --config=configs/synthetic.py --workdir=/tmp/capf_synthetic
+  capf-train --config=configs/h36m_hrnet32.py --workdir=DIR \
+      --config.backbone_init=ckpt/hrnet_w32_coco --config.data.data_dir=/data/tfds
+  capf-train --config=configs/h36m_hrnet32.py --workdir=DIR \
       --config.eval_only=True --config.init_from=CONVERTED_OR_WORKDIR
+
+(`python main.py ...` from a checkout.) Path flags and config paths expand `~`
+and `$VARS`. The console shows plain log lines, a line before each
+compilation and, on a terminal, progress bars; WORKDIR/train.log keeps the
+full log.
 
 A run restarted with the same --workdir resumes from its latest checkpoint.
 SIGTERM / SIGINT (a preemptible VM, a scheduler, Ctrl-C) stop it after the
@@ -22,28 +27,33 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from contextpose_jax import cli
 from contextpose_jax import compile_cache
 from contextpose_jax import host_devices
 from contextpose_jax import host_memory
+from contextpose_jax import paths
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, eval.json.')
+paths.define_path('workdir', None, 'Directory for checkpoints, logs, eval.json.')
+# No default here: absl would load it (and apply the overrides) as this module
+# is imported; `run` adds DEFAULT_CONFIG when --config is left out.
+DEFAULT_CONFIG = os.path.join(cli.CONFIGS_DIR, 'synthetic.py')
 config_flags.DEFINE_config_file(
-    'config', os.path.join(cli.CONFIGS_DIR, 'synthetic.py'),
+    'config', None,
     'Training configuration file: a path, or the name of a shipped config '
-    '(e.g. configs/h36m_hrnet32.py from any directory).', lock_config=True)
+    '(e.g. configs/h36m_hrnet32.py from any directory); default: '
+    'configs/synthetic.py.', lock_config=True)
 flags.DEFINE_bool('jax_distributed', False,
                   'Call jax.distributed.initialize() with cluster auto-detection.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
-flags.DEFINE_string('compilation_cache', 'default',
-                    "JAX's persistent compilation cache directory; 'default': "
-                    '$CONTEXTPOSE_JAX_CACHE or ~/.cache/contextpose_jax/xla; off: off')
+paths.define_path('compilation_cache', 'default',
+                  "JAX's persistent compilation cache directory; 'default': "
+                  '$CONTEXTPOSE_JAX_CACHE or ~/.cache/contextpose_jax/xla; off: off',
+                  keep=('default', *compile_cache.OFF))
 flags.DEFINE_enum('host_malloc', None, host_memory.SETTINGS,
                   'glibc malloc settings that spare XLA:CPU a page fault per touched '
                   'page of its temporaries every step (contextpose_jax/host_memory.py); '
@@ -52,6 +62,7 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.coordinator_address or FLAGS.jax_distributed:
     # Cross-process collectives of the CPU backend need an implementation;
     # harmless on GPU/TPU. (Asking for the backend here would initialise it
@@ -127,25 +138,41 @@ def parse_flags(argv):
   try:
     rest = FLAGS(argv)
     FLAGS.config.keys  # pylint: disable=pointless-statement  # raises if it failed to load
+    paths.expand_config(FLAGS.config)
   except flags.Error as e:
     text = str(e)
     # A config file that raised: its traceback is the useful part.
-    _fail(text if 'Error whilst parsing config file' in text else _first_line(text))
+    _fail(text if 'Error whilst parsing config file' in text
+          else cli.one_line(_first_line(text)))
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for `--config.typo=...` (a field the
     # config does not have).
     _fail(_override_error(argv, e))
   except OSError as e:  # the config file itself (missing, unreadable)
-    arg = ([a for a in argv[1:] if a.startswith('--config=')] or ['--config'])[-1]
-    lines = [l.strip() for l in str(e.__cause__ or e).splitlines() if l.strip()]
-    _fail(f'{arg}: cannot load the config file ({lines[-1] if lines else e})')
+    _fail(cli.config_file_error(argv[1:], e))
+  if not FLAGS.workdir:  # `--workdir=` (absl only refuses a missing one)
+    _fail('--workdir is required')
   return rest
+
+
+def with_default_config(argv):
+  """`argv` with `--config=DEFAULT_CONFIG` when it names no config."""
+  if any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    return list(argv)
+  return [*argv, f'--config={DEFAULT_CONFIG}']
 
 
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from contextpose_jax import progress  # pylint: disable=g-import-not-at-top
+  # The console: plain lines (no absl prefix, no thread ids), the noise of
+  # the libraries left out, written through tqdm (bars stay intact).
+  root = logging_std.getLogger()
+  root.removeHandler(logging.get_absl_handler())
+  console = progress.ConsoleHandler()
+  console.addFilter(_QuietLibraries())
+  root.addHandler(console)
   host_devices.skip_absent_backends()
   try:  # first: it must precede the JAX backend's start
     host_memory.configure(FLAGS.host_malloc)
@@ -153,6 +180,12 @@ def main(argv):
     _fail(str(e))
   _init_distributed()
   compile_cache.enable(FLAGS.compilation_cache)
+  import jax  # pylint: disable=g-import-not-at-top  # once the flags are valid
+  # WORKDIR/train.log: every record, absl's full format (before the console
+  # handler: its filter trims orbax's tracebacks).
+  index = jax.process_index()
+  root.handlers.insert(0, progress.WorkdirLog(
+      FLAGS.workdir, 'train.log' if index == 0 else f'train.{index}.log'))
   # Imported after the distributed init (it must precede any JAX computation).
   from contextpose_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from contextpose_jax import config_validation  # pylint: disable=g-import-not-at-top
@@ -191,7 +224,8 @@ def main(argv):
 def run():
   """Console-script entry point (`capf-train`) and `python main.py`."""
   sys.modules['__main__'].__doc__ = __doc__  # what absl prints for --help
-  app.run(main, argv=cli.resolve_config_arg(sys.argv), flags_parser=parse_flags)
+  argv = with_default_config(cli.resolve_config_arg(sys.argv))
+  app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -40,6 +40,7 @@ from contextpose_jax import fileio
 from contextpose_jax import locking
 from contextpose_jax import metric_writers
 from contextpose_jax import parallel
+from contextpose_jax import progress as console
 from contextpose_jax import steps
 from contextpose_jax.data import pipeline
 from contextpose_jax.models import capf
@@ -386,62 +387,77 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   best_eval = None  # (step, metrics, predictions) of a best found in this run
   train_metrics = []
   watch = divergence.Watch(divergence.Policy.from_config(config), start_step)
+  compile_key = console.program_key('train_step', config.model.to_dict(),
+                                    config.data.batch_size)
+  steps_bar = None
   # From here on a signal stops the run after the current step, saved
   # (before, there is nothing unsaved to lose: the default action is fine).
-  with PreemptionGuard(ckpts) as guard:
-    for step in range(start_step, num_steps):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = parallel.global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch)
-      train_metrics.append(metrics)
-      done = step + 1
-      watch.push(done, metrics)
-      _check(ckpts, writer, watch, lag=1)  # the step before: this one stays queued
-      ckpts.check_saved()  # a background save that failed (a full disk) stops here
-      if step == start_step:
-        jax.block_until_ready(metrics)
-        progress.compiled(done)
-      if done % config.log_every_steps == 0 or done == num_steps:
-        _check(ckpts, writer, watch)
-        m = jax.device_get(train_metrics)
-        rate = progress.train_interval(done)
-        writer.write_scalars(done, {
-            # Example-weighted, as the official epoch loss (a partial batch
-            # counts for its real rows).
-            'train/loss_mm': 1000 * _weighted_loss(m),
-            'train/learning_rate': float(m[-1]['learning_rate']),
-            'train/grad_norm': float(np.mean([x['grad_norm'] for x in m])),
-            'train/nan_skipped_total': int(state.nan_count),
-            'train/steps_per_sec': rate,
-            'train/examples_per_sec': rate * config.data.batch_size})
-        logging.info('step %d/%d: %.1f steps/s, ETA %s, %d skipped (non-finite loss)',
-                     done, num_steps, rate, _format_eta(progress.eta_seconds(done)),
-                     int(state.nan_count))
-        train_metrics = []
-      epoch_end = done % spe == 0
-      epoch = done // spe
-      if epoch_end and (epoch % config.eval_every_epochs == 0 or done == num_steps):
-        _check(ckpts, writer, watch)
-        t0 = time.time()
-        try:
-          result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn,
-                                                  mesh)
-        except evaluate.NonFinitePredictions as e:
-          _diverged(ckpts, writer, done, f'evaluation: {e}', watch)
-        writer.write_scalars(done, {f'eval/{k}': result[k] for k in ('mpjpe', 'p_mpjpe', 'pck')
-                                    if k in result})
-        _check_params(ckpts, writer, state, done, watch)
-        if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch},
-                                config.model.dataset):
-          best_eval = (done, result, preds)
-        logging.info('epoch %d: val MPJPE %.2f mm (best %.2f)', epoch, result['mpjpe'],
-                     ckpts.best_mpjpe())
-        progress.evaluated(time.time() - t0)
-      if ((done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps)
-          and _saveable(ckpts, writer, state, done, watch)):
-        ckpts.save_latest(state, _latest_meta(state, done, data_steps))
-      if guard.requested(done):  # every step: the multi-host sync point needs it
-        _save_and_stop(ckpts, writer, state, done, guard, data_steps, watch)
+  try:
+    with PreemptionGuard(ckpts) as guard:
+      for step in range(start_step, num_steps):
+        first = step == start_step
+        with (console.Compilation('the training step', compile_key) if first
+              else contextlib.nullcontext()):
+          with jax.profiler.StepTraceAnnotation('train', step_num=step):
+            batch = parallel.global_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch)
+          if first:
+            jax.block_until_ready(metrics)
+        train_metrics.append(metrics)
+        done = step + 1
+        watch.push(done, metrics)
+        _check(ckpts, writer, watch, lag=1)  # the step before: this one stays queued
+        ckpts.check_saved()  # a background save that failed (a full disk) stops here
+        if first:
+          progress.compiled(done)
+          # From here: the bar's rate and ETA leave the compilation out.
+          steps_bar = console.bar(total=num_steps, initial=done, desc='training', unit='step')
+        else:
+          steps_bar.update(1)
+        if done % config.log_every_steps == 0 or done == num_steps:
+          _check(ckpts, writer, watch)
+          m = jax.device_get(train_metrics)
+          rate = progress.train_interval(done)
+          writer.write_scalars(done, {
+              # Example-weighted, as the official epoch loss (a partial batch
+              # counts for its real rows).
+              'train/loss_mm': 1000 * _weighted_loss(m),
+              'train/learning_rate': float(m[-1]['learning_rate']),
+              'train/grad_norm': float(np.mean([x['grad_norm'] for x in m])),
+              'train/nan_skipped_total': int(state.nan_count),
+              'train/steps_per_sec': rate,
+              'train/examples_per_sec': rate * config.data.batch_size})
+          logging.info('step %d/%d: %.1f steps/s, ETA %s, %d skipped (non-finite loss)',
+                       done, num_steps, rate, _format_eta(progress.eta_seconds(done)),
+                       int(state.nan_count))
+          train_metrics = []
+        epoch_end = done % spe == 0
+        epoch = done // spe
+        if epoch_end and (epoch % config.eval_every_epochs == 0 or done == num_steps):
+          _check(ckpts, writer, watch)
+          t0 = time.time()
+          try:
+            result, preds = evaluate.run_evaluation(config, state.variables(), predict_fn,
+                                                    mesh)
+          except evaluate.NonFinitePredictions as e:
+            _diverged(ckpts, writer, done, f'evaluation: {e}', watch)
+          writer.write_scalars(done, {f'eval/{k}': result[k] for k in ('mpjpe', 'p_mpjpe', 'pck')
+                                      if k in result})
+          _check_params(ckpts, writer, state, done, watch)
+          if ckpts.save_evaluated(state, result['mpjpe'], {'step': done, 'epoch': epoch},
+                                  config.model.dataset):
+            best_eval = (done, result, preds)
+          logging.info('epoch %d: val MPJPE %.2f mm (best %.2f)', epoch, result['mpjpe'],
+                       ckpts.best_mpjpe())
+          progress.evaluated(time.time() - t0)
+        if ((done % config.checkpoint_every_steps == 0 or epoch_end or done == num_steps)
+            and _saveable(ckpts, writer, state, done, watch)):
+          ckpts.save_latest(state, _latest_meta(state, done, data_steps))
+        if guard.requested(done):  # every step: the multi-host sync point needs it
+          _save_and_stop(ckpts, writer, state, done, guard, data_steps, watch)
+  finally:  # a stop (signal, divergence) too: the terminal gets its line back
+    if steps_bar is not None:
+      steps_bar.close()
   _check(ckpts, writer, watch)
   ckpts.wait()
   writer.flush()

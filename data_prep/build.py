@@ -1,12 +1,13 @@
 r"""Builds a TFDS dataset of this project (replaces `tfds build`, no beam).
 
-  python -m data_prep.build NAME --manual_dir=DIR --data_dir=DIR \
-      [--image_format=jpeg|png]
-  capf-build-dataset NAME ...         (the same, installed; or --name=NAME)
+  capf-build-dataset NAME --manual_dir=DIR --data_dir=DIR \
+      [--image_format=jpeg|png]         (or --name=NAME)
+  python -m data_prep.build NAME ...   (the same, from a checkout)
 
 NAME is one of `human36m`, `mpi_inf_3dhp`, `synthetic_human36m` (the TFDS
 name; read the result with `tfds.data_source(NAME, split=..., data_dir=DIR)`).
-`synthetic_human36m` needs no --manual_dir. Builds run in parallel
+`synthetic_human36m` needs no --manual_dir; its default size is the quick
+start's (configs/synthetic.py). Paths may use `~` and `$VARS`. Builds run in parallel
 (`--num_workers`), print progress, resume an interrupted run, and register the
 dataset only once every shard is written.
 """
@@ -16,29 +17,28 @@ import os
 import sys
 
 from absl import flags
-import jax
-from jax.experimental import multihost_utils
 
+from configs import synthetic as synthetic_config
 from contextpose_jax import cli
 from contextpose_jax import host_devices
-from contextpose_jax import image_io
 from contextpose_jax import locking
-from data_prep import human36m
-from data_prep import mpi_inf_3dhp
-from data_prep import records
-from data_prep import synthetic
+from contextpose_jax import paths
+
+# jax, TFDS, OpenCV and the builders are imported once the command line is
+# valid (`_builders()`): `--help` and a bad flag answer at once.
 
 NAMES = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
+SYNTHETIC = synthetic_config.SYNTHETIC_OPTIONS
 
 
 _FLAGS = flags.FlagValues()  # this CLI's own: importable beside other CLIs
 flags.DEFINE_enum('name', None, NAMES,
                   'the dataset (or give it as the first argument)',
                   flag_values=_FLAGS)
-flags.DEFINE_string('manual_dir', None, 'the downloaded / prepared files',
-                    flag_values=_FLAGS)
-flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write (required)',
-                    flag_values=_FLAGS)
+paths.define_path('manual_dir', None, 'the downloaded / prepared files',
+                  flag_values=_FLAGS)
+paths.define_path('data_dir', None, 'TFDS data_dir to write (required)',
+                  flag_values=_FLAGS)
 flags.DEFINE_enum('image_format', 'jpeg', ('jpeg', 'png'),
                   'crops as JPEG (default) or lossless PNG', flag_values=_FLAGS)
 flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality, 0..100',
@@ -60,14 +60,16 @@ flags.DEFINE_enum('labels', 'auto', ('auto', 'pickle', 'raw'),
                   'raw CDF poses (auto: pickles when present)',
                   flag_values=_FLAGS)
 # synthetic_human36m
-flags.DEFINE_integer('num_train', 4096, 'synthetic_human36m: train examples',
-                     flag_values=_FLAGS)
-flags.DEFINE_integer('num_validation', 1024,
+# synthetic_human36m: the defaults are the quick start's set (configs/synthetic.py).
+flags.DEFINE_integer('num_train', SYNTHETIC['num_train'],
+                     'synthetic_human36m: train examples', flag_values=_FLAGS)
+flags.DEFINE_integer('num_validation', SYNTHETIC['num_validation'],
                      'synthetic_human36m: validation examples',
                      flag_values=_FLAGS)
-flags.DEFINE_integer('frames_per_video', 64, 'synthetic_human36m',
+flags.DEFINE_integer('frames_per_video', SYNTHETIC['frames_per_video'],
+                     'synthetic_human36m', flag_values=_FLAGS)
+flags.DEFINE_integer('seed', SYNTHETIC['seed'], 'synthetic_human36m',
                      flag_values=_FLAGS)
-flags.DEFINE_integer('seed', 0, 'synthetic_human36m', flag_values=_FLAGS)
 
 
 def parse_args(argv):
@@ -93,8 +95,19 @@ def parse_args(argv):
   return args
 
 
+def _builders():
+  """The heavy modules: (records, synthetic, human36m, mpi_inf_3dhp)."""
+  # pylint: disable=g-import-not-at-top
+  from data_prep import human36m
+  from data_prep import mpi_inf_3dhp
+  from data_prep import records
+  from data_prep import synthetic
+  return records, synthetic, human36m, mpi_inf_3dhp
+
+
 def check_args(args) -> None:
   """Option values, before any work (one line naming the option)."""
+  records = _builders()[0]
   positive = {'--num_workers': args.num_workers,
               '--examples_per_shard': args.examples_per_shard}
   if args.name == 'synthetic_human36m':
@@ -110,6 +123,7 @@ def check_args(args) -> None:
 
 
 def run(args) -> str:
+  records, synthetic, human36m, mpi_inf_3dhp = _builders()
   check_args(args)
   common = dict(data_dir=args.data_dir, image_format=args.image_format,
                 jpeg_quality=args.jpeg_quality, num_workers=args.num_workers,
@@ -132,22 +146,50 @@ def run(args) -> str:
 
 
 def build_if_missing(config, log=print) -> None:
-  """Builds the download-free synthetic set on first use (`main.py`).
+  """Builds the download-free synthetic set on first use (`capf-train`).
 
-  Only `synthetic_human36m` with `config.data.build_if_missing` is built; an
-  existing build in `config.data.data_dir` is used as it is. With several
-  processes, process 0 builds and the others wait for it.
+  Only `synthetic_human36m` with `config.data.build_if_missing` is built. An
+  existing build in `config.data.data_dir` is used only when it is the set
+  the config asks for (`check_synthetic_build`). With several processes,
+  process 0 builds and the others wait for it.
   """
-  if not (config.data.get('build_if_missing', False) and config.data.name == synthetic.NAME):
+  if not (config.data.get('build_if_missing', False)
+          and config.data.name == synthetic_config.SYNTHETIC_NAME):
     return
-  final_dir = os.path.join(config.data.data_dir, synthetic.NAME, records.VERSION)
-  if jax.process_index() == 0 and not os.path.isdir(final_dir):
-    options = config.data.get('synthetic', None) or {}
-    options = dict(options.to_dict() if hasattr(options, 'to_dict') else options)
-    log(f'Building {synthetic.NAME} into {config.data.data_dir} (first use): {options}')
-    synthetic.build(config.data.data_dir, log=log, **options)
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  records, synthetic, _, _ = _builders()
+  data_dir = config.data.data_dir
+  final_dir = os.path.join(data_dir, synthetic.NAME, records.VERSION)
+  options = config.data.get('synthetic', None) or {}
+  options = dict(options.to_dict() if hasattr(options, 'to_dict') else options)
+  if os.path.isdir(final_dir):
+    check_synthetic_build(final_dir, data_dir, dict(synthetic.OPTIONS, **options))
+  elif jax.process_index() == 0:
+    log(f'Building {synthetic.NAME} into {data_dir} (first use): {options}')
+    synthetic.build(data_dir, log=log, **options)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('dataset_built')
+
+
+def check_synthetic_build(final_dir: str, data_dir: str, asked: dict) -> None:
+  """Raises `records.DataError` (one line: found, asked, how to rebuild)
+  when the finished build in `final_dir` is not the set `asked` describes."""
+  records, synthetic, _, _ = _builders()
+  found = records.built_options(final_dir)
+  if found is None:  # built before the options were kept: the split sizes
+    sizes = records.split_sizes(final_dir)
+    found = {'num_train': sizes.get('train'), 'num_validation': sizes.get('validation')}
+  differ = [k for k in asked if k in found and found[k] != asked[k]]
+  if not differ:
+    return
+  flags_ = ' '.join(f'--{k}={asked[k]}' for k in asked)
+  raise records.DataError(
+      f'{final_dir} holds another synthetic set: '
+      f'{", ".join(f"{k}={found[k]}" for k in differ)}; the config asks for '
+      f'{", ".join(f"{k}={asked[k]}" for k in differ)}. Rebuild it with '
+      f'`capf-build-dataset {synthetic.NAME} --data_dir={data_dir} {flags_} '
+      '--overwrite`, or choose another --config.data.data_dir')
 
 
 def main(argv=None) -> int:
@@ -162,6 +204,8 @@ def main(argv=None) -> int:
   except cli.Exit as e:
     return e.code
   host_devices.skip_absent_backends()
+  from contextpose_jax import image_io  # pylint: disable=g-import-not-at-top
+  records = _builders()[0]
   try:
     run(args)
   except (records.DataError, locking.LockHeldError,

@@ -193,6 +193,24 @@ def fingerprint(options: dict[str, Any]) -> str:
       json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def built_options(final_dir: str) -> dict[str, Any] | None:
+  """The options a finished build was made with (None: built before they
+  were kept)."""
+  path = os.path.join(final_dir, 'build_options.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get('options')
+
+
+def split_sizes(final_dir: str) -> dict[str, int]:
+  """Examples per split of a finished build (its dataset_info.json)."""
+  with open(os.path.join(final_dir, 'dataset_info.json')) as f:
+    info = json.load(f)
+  return {s['name']: sum(int(n) for n in s.get('shardLengths', ()))
+          for s in info.get('splits', ())}
+
+
 def build(*, name: str, data_dir: str, feature_spec,
           shards: Sequence[ShardTask],
           make_examples: Callable[[ShardTask], Iterable[dict]],
@@ -313,7 +331,7 @@ def _build_locked(*, name, dataset_dir, final_dir, feature_spec, shards,
   for path in os.listdir(work_dir):
     if path.endswith('.json') and '.array_record-' in path:
       os.remove(os.path.join(work_dir, path))
-  os.remove(stamp)
+  # build_options.json stays: what this build was made with (`built_options`).
   if os.path.exists(final_dir):  # --overwrite: swap, then delete the old one.
     old = os.path.join(dataset_dir, f'.old-{VERSION}-{os.getpid()}')
     os.replace(final_dir, old)

@@ -24,11 +24,14 @@ import zlib
 import cv2
 import numpy as np
 
+from configs import synthetic as synthetic_config
 from contextpose_jax import geometry
 from data_prep import h36m_metadata
 from data_prep import records
 
-NAME = 'synthetic_human36m'
+NAME = synthetic_config.SYNTHETIC_NAME
+# The default size and seed: the quick start's (configs/synthetic.py).
+OPTIONS = synthetic_config.SYNTHETIC_OPTIONS
 TRAIN_SUBJECTS = h36m_metadata.TRAIN_SUBJECTS
 VALIDATION_SUBJECTS = h36m_metadata.VALIDATION_SUBJECTS
 ACTIONS = h36m_metadata.ACTIONS
@@ -259,9 +262,11 @@ def make_examples(options, task):
     }
 
 
-def build(data_dir, *, num_train=4096, num_validation=1024,
-          frames_per_video=64, image_format='jpeg', jpeg_quality=95, seed=0,
-          examples_per_shard=512, num_workers=1, overwrite=False, log=print):
+def build(data_dir, *, num_train=OPTIONS['num_train'],
+          num_validation=OPTIONS['num_validation'],
+          frames_per_video=OPTIONS['frames_per_video'], image_format='jpeg',
+          jpeg_quality=95, seed=OPTIONS['seed'], examples_per_shard=512,
+          num_workers=1, overwrite=False, log=print):
   """Builds `synthetic_human36m` into DATA_DIR (~3 CPU-ms per example)."""
   tables = {'train': _video_table('train', num_train, frames_per_video, seed),
             'validation': _video_table('validation', num_validation,

@@ -181,7 +181,9 @@ def test_hosts_read_disjoint_shards_with_same_flips(data_dir, stored,
 
 def test_eval_covers_every_example_once_with_flip_pairs(data_dir, stored):
   config = make_config(data_dir, batch_size=4)
-  batches = list(pipeline.make_eval_iterator(config, 'validation'))
+  iterator = pipeline.make_eval_iterator(config, 'validation')
+  assert len(iterator) == 3  # known up front: the evaluation bar's total
+  batches = list(iterator)
   assert len(batches) == 3 == pipeline.num_eval_batches(config)
   mask = np.concatenate([b['mask'] for b in batches])
   np.testing.assert_array_equal(mask, [1] * N_VAL + [0] * 2)
@@ -242,7 +244,7 @@ def test_record_source_matches_tfds(data_dir):
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
   config = make_config(str(tmp_path))
-  with pytest.raises(FileNotFoundError, match='data_prep.build'):
+  with pytest.raises(FileNotFoundError, match='capf-build-dataset'):
     pipeline.make_train_iterator(config, seed=0)
 
 

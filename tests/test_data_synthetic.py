@@ -142,3 +142,56 @@ def test_interrupted_build_is_not_registered_and_resumes(tmp_path,
                               data_dir=data_dir)) == 24
   with pytest.raises(records.DataError, match='already exists'):
     synthetic.build(data_dir, log=lambda *_: None, **SMALL)
+
+
+# --- issue #27: one size, and no training on another set ---------------------
+
+def _config(data_dir, **synthetic_options):
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  config = synthetic_config.get_config()
+  config.data.data_dir = data_dir
+  config.data.synthetic = dict(
+      {k: SMALL[k] for k in ('num_train', 'num_validation', 'frames_per_video')},
+      seed=0, **synthetic_options)
+  return config
+
+
+def test_builder_default_is_the_quick_start_set():
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  asked = synthetic_config.get_config().data.synthetic.to_dict()
+  args = build.parse_args(['synthetic_human36m', '--data_dir=/tmp/x'])
+  assert {k: getattr(args, k) for k in asked} == asked
+  defaults = synthetic.build.__kwdefaults__
+  assert {k: defaults[k] for k in asked} == asked
+
+
+def test_build_if_missing_uses_only_the_set_asked_for(built):
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  build.build_if_missing(_config(built))  # the same set: used as it is
+  final_dir = os.path.join(built, synthetic.NAME, records.VERSION)
+  config = _config(built)
+  config.data.synthetic.num_train = 48
+  with pytest.raises(records.DataError) as e:
+    build.build_if_missing(config)
+  assert str(e.value) == (
+      f'{final_dir} holds another synthetic set: num_train=24; the config asks for '
+      f'num_train=48. Rebuild it with `capf-build-dataset synthetic_human36m '
+      f'--data_dir={built} --num_train=48 --num_validation=8 --frames_per_video=4 '
+      '--seed=0 --overwrite`, or choose another --config.data.data_dir')
+
+
+def test_build_without_kept_options_is_checked_by_its_split_sizes(tmp_path):
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path)
+  synthetic.build(data_dir, log=lambda *_: None, **SMALL)
+  final_dir = os.path.join(data_dir, synthetic.NAME, records.VERSION)
+  assert records.built_options(final_dir)['num_train'] == 24
+  os.remove(os.path.join(final_dir, 'build_options.json'))  # an older build
+  assert records.split_sizes(final_dir) == {'train': 24, 'validation': 8}
+  build.build_if_missing(_config(data_dir))
+  config = _config(data_dir)
+  config.data.synthetic.num_validation = 16
+  with pytest.raises(records.DataError, match=r'holds another synthetic set: '
+                     r'num_validation=8; the config asks for num_validation=16\.'):
+    build.build_if_missing(config)

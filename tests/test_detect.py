@@ -298,7 +298,7 @@ def test_model_without_head_is_one_clear_error(small_cpn, tmp_path):
   assert not predictor.has_heatmap_head
   for call in (predictor.heatmaps, predictor.detect_2d):
     with pytest.raises(ValueError, match=r"no COCO heatmap head .* convert a COCO backbone "
-                                         r"file \(python -m weights_conversion.convert"):
+                                         r"file \(capf-convert"):
       call(_images(0, 1))
   with pytest.raises(ValueError, match=r"images: expected \(B, 256, 192, 3\)"):
     Predictor.load(str(small_cpn[1])).heatmaps(np.zeros((1, 64, 48, 3), np.float32))

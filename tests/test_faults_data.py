@@ -522,7 +522,7 @@ def test_unfinished_build_says_how_to_finish(small_synthetic, tmp_path):
   message = _reader_error(_config(synthetic.NAME, data_dir))
   assert message.startswith(f'data_dir={data_dir} holds only an unfinished '
                             f"build of '{synthetic.NAME}'")
-  assert (f'python -m data_prep.build {synthetic.NAME} --data_dir={data_dir}'
+  assert (f'capf-build-dataset {synthetic.NAME} --data_dir={data_dir}'
           in message) and 'again' in message
 
 

@@ -33,9 +33,10 @@ import train_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = train_fixtures.CONFIG
-# absl log lines (I/W/E + date) are not the error: the error is the one line
+# Console log lines (`HH:MM:SS message`, `WARNING HH:MM:SS ...`:
+# contextpose_jax/progress.py) are not the error: the error is the one line
 # that is not a log line.
-LOG_LINE = re.compile(r'^[IWE]\d{4} ')
+LOG_LINE = re.compile(r'^((WARNING|ERROR|CRITICAL) )?\d\d:\d\d:\d\d ')
 
 
 @pytest.fixture(scope='module')
@@ -110,6 +111,19 @@ def test_unfinished_dataset_is_one_line(env, tmp_path):
                 '--config.data.build_if_missing=False')
   assert line.startswith(f'error: data_dir={data_dir} holds only an unfinished build '
                          "of 'synthetic_human36m'")
+  assert not workdir.exists()
+
+
+def test_another_synthetic_set_is_one_line_not_trained_on(env, tmp_path):
+  """(issue #27) The data_dir holds the tiny set; a config asking for another
+  size is refused before any work, naming what was found and asked."""
+  workdir = tmp_path / 'run'
+  line = _fails(env, workdir, '--config.data.synthetic.num_train=2048')
+  final_dir = os.path.join(env['data_dir'], 'synthetic_human36m', '1.0.0')
+  assert line.startswith(f'error: {final_dir} holds another synthetic set: '
+                         'num_train=1024; the config asks for num_train=2048. '
+                         'Rebuild it with `capf-build-dataset synthetic_human36m '
+                         f'--data_dir={env["data_dir"]} --num_train=2048 '), line
   assert not workdir.exists()
 
 

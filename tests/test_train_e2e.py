@@ -119,10 +119,27 @@ def _warnings(stderr):
 
 
 def test_healthy_run_prints_no_warnings(env):
-  _, proc = _trained(env)
+  workdir, proc = _trained(env)
   assert EXPECTED_WARNING in proc.stderr
   assert _warnings(proc.stderr) == []
   assert 'Traceback' not in proc.stderr
+  # (issue #27) A line before each compilation, before the first progress
+  # line; plain console lines (no absl prefix with its thread id); the full
+  # log in WORKDIR/train.log.
+  lines = proc.stderr.splitlines()
+  stamp = r'\d\d:\d\d:\d\d '
+  first_time = r'first time (~\d+ s|up to a few minutes); cached afterwards'
+  compiling = [i for i, l in enumerate(lines)
+               if re.fullmatch(stamp + f'compiling the training step, {first_time}', l)]
+  progress = [i for i, l in enumerate(lines) if re.fullmatch(stamp + r'step \d+/\d+: .*', l)]
+  assert len(compiling) == 1 and progress and compiling[0] < progress[0], proc.stderr[-4000:]
+  assert any(re.fullmatch(stamp + f'compiling the evaluation step, {first_time}', l)
+             for l in lines)
+  assert not [l for l in lines if re.match(r'[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ', l)]
+  log = (workdir / 'train.log').read_text()
+  assert re.search(r'^I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\] compiling the training step',
+                   log, re.M), log[:2000]
+  assert re.search(r'\] step \d+/\d+: ', log)
   # Eval-only of the saved model (run by the test above, when it ran).
   eval_only = env['runs'].get('stderr', {}).get(str(env['root'] / 'eval_only'))
   if eval_only is not None:

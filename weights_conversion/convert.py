@@ -1,7 +1,7 @@
 r"""Converts official PyTorch checkpoints into Flax variable directories.
 
     capf-convert --kind=capf --backbone=hrnet_32 \
-        --input=best_epoch_hrnet_32.bin --output=converted/capf_hrnet_32
+        --input=best_epoch_hrnet_32.bin --output=ckpt/capf_hrnet_32
 
 Kinds and the files they take:
   hrnet_32, hrnet_48  COCO backbones: a plain state dict
@@ -42,9 +42,8 @@ import numpy as np
 
 from contextpose_jax import cli
 from contextpose_jax import host_devices
+from contextpose_jax import paths
 from contextpose_jax.models import BACKBONES
-from contextpose_jax.models import capf
-from contextpose_jax.models.torch_import import ConversionError
 
 KINDS = ("capf", *BACKBONES)
 
@@ -181,6 +180,7 @@ def convert(kind: str, input_path: str, output_dir: str, *, backbone: str | None
       raise InputError(f"--backbone={backbone} contradicts --kind={kind}")
     backbone = kind
   backbone = backbone or "hrnet_32"
+  from contextpose_jax.models import capf  # pylint: disable=g-import-not-at-top  # after the flags
   model_config = capf.default_model_config(backbone, dataset)
   if kind != "capf":
     # A COCO file keeps its heatmap head (Predictor.heatmaps / detect_2d).
@@ -215,8 +215,8 @@ flags.DEFINE_enum("backbone", None, BACKBONES,
                   "backbone of a --kind=capf checkpoint (default hrnet_32)", flag_values=_FLAGS)
 flags.DEFINE_enum("dataset", "h36m", ("h36m", "3dhp"),
                   "which CA-PF model a --kind=capf file holds", flag_values=_FLAGS)
-flags.DEFINE_string("input", None, "the PyTorch file", flag_values=_FLAGS)
-flags.DEFINE_string("output", None, "new directory to write", flag_values=_FLAGS)
+paths.define_path("input", None, "the PyTorch file", flag_values=_FLAGS)
+paths.define_path("output", None, "new directory to write", flag_values=_FLAGS)
 for _name in ("kind", "input", "output"):
   flags.mark_flag_as_required(_name, flag_values=_FLAGS)
 
@@ -224,6 +224,8 @@ for _name in ("kind", "input", "output"):
 def main(argv=None) -> int:
   cli.parse(_FLAGS, argv, __doc__)
   args = _FLAGS
+  # jax / flax only once the command line is valid (--help stays instant).
+  from contextpose_jax.models.torch_import import ConversionError  # pylint: disable=g-import-not-at-top
   host_devices.skip_absent_backends()
   try:
     convert(args.kind, args.input, args.output, backbone=args.backbone, dataset=args.dataset)

@@ -45,10 +45,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from contextpose_jax import paths
 from contextpose_jax import skeleton
 from contextpose_jax.data import transforms
 
-# The datasets `python -m data_prep.build` makes (named in errors).
+# The datasets `capf-build-dataset` makes (named in errors).
 DATASETS = ('human36m', 'mpi_inf_3dhp', 'synthetic_human36m')
 VERSION = '1.0.0'
 KEYPOINT_KEYS = ('keypoints_2d', 'keypoints_2d_crop', 'keypoints_3d')
@@ -73,8 +74,8 @@ def dataset_kind(name: str) -> str:
 def resolve_data_dir(config) -> str:
   """Fills an empty `config.data.data_dir` with the TFDS default."""
   if not config.data.data_dir:
-    config.data.data_dir = (os.environ.get('TFDS_DATA_DIR')
-                            or os.path.expanduser('~/tensorflow_datasets'))
+    config.data.data_dir = paths.expand(os.environ.get('TFDS_DATA_DIR')
+                                        or '~/tensorflow_datasets')
   return config.data.data_dir
 
 
@@ -137,12 +138,12 @@ def check_shards(records) -> None:
     except Exception as e:  # pylint: disable=broad-except
       raise DatasetError(f'{path}: unreadable array_record shard '
                          f'({_first_line(e)}); rebuild the dataset with '
-                         '`python -m data_prep.build ... --overwrite`') from None
+                         '`capf-build-dataset ... --overwrite`') from None
     if have < instruction.end:
       raise DatasetError(
           f'{path}: truncated or corrupt array_record shard ({have} records, '
           f'the dataset metadata says {instruction.end}); rebuild the dataset '
-          'with `python -m data_prep.build ... --overwrite`')
+          'with `capf-build-dataset ... --overwrite`')
 
 
 class RecordSource:
@@ -224,7 +225,7 @@ def data_source(config, split: str, keys=None) -> RecordSource:
 
 def _why_not_found(name, split, data_dir, error) -> str:
   """One line: why `name` / `split` cannot be opened under `data_dir`."""
-  build = f"python -m data_prep.build {name} --data_dir={data_dir or 'DIR'}"
+  build = f"capf-build-dataset {name} --data_dir={data_dir or 'DIR'}"
   dataset_dir = version_dir = None
   if data_dir:
     dataset_dir = epath.Path(data_dir) / str(name)
@@ -482,7 +483,7 @@ def eval_indices(config, split: str, source=None) -> np.ndarray:
 
 
 def make_eval_iterator(config, split: str | None = None
-                       ) -> Iterator[dict[str, np.ndarray]]:
+                       ) -> Iterator[dict[str, np.ndarray]]:  # with len()
   """One pass over `split`: every example exactly once, in stored order.
 
   Each host yields its local part of every global batch; the last global
@@ -511,7 +512,24 @@ def make_eval_iterator(config, split: str | None = None
   ds = grain.MapDataset.source(items).map(_Lookup(source, keys))
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_collate)
   ds = ds.map(_EvalBatch(_backbone(config), kind, mpi))
-  return iter(_finish(ds, config))
+  return _Batches(iter(_finish(ds, config)), num_batches)
+
+
+class _Batches:
+  """An iterator that knows how many batches it yields (a progress bar
+  shows an ETA)."""
+
+  def __init__(self, iterator, length: int):
+    self._iterator, self._length = iterator, length
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iterator)
+
+  def __len__(self) -> int:
+    return self._length
 
 
 def num_eval_batches(config, split: str | None = None) -> int:

@@ -26,13 +26,14 @@ from contextpose_jax.models import cpn
 from contextpose_jax.models import folding
 from contextpose_jax.models import hrnet
 from contextpose_jax.models import materialize
+from contextpose_jax.models import defaults
 from contextpose_jax.models import torch_import
 from contextpose_jax.models.lifter import Lifter
 
 MODEL_CONFIG_FILE = "model_config.json"
 HEATMAP_HEAD_MISSING = (
     "this model has no COCO heatmap head (CA-PF checkpoints never include it): convert a "
-    "COCO backbone file (python -m weights_conversion.convert --kind=hrnet_32|hrnet_48|cpn "
+    "COCO backbone file (capf-convert --kind=hrnet_32|hrnet_48|cpn "
     "--input=pose_hrnet_w32_256x192.pth | pose_hrnet_w48_256x192.pth | "
     "CPN50_256x192.pth.tar) to get heatmaps and 2D keypoints")
 VARIABLES_DIR = "variables"
@@ -90,40 +91,9 @@ def _at_least_f32(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-# Lifter hyper-parameters a model config carries under their own names.
-_LIFTER_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "drop_rate",
-                  "attn_drop_rate", "drop_path_rate")
-_3DHP_EMBED_DIM = {"hrnet_32": 64, "hrnet_48": 96}
-
-
-def default_model_config(backbone: str = "hrnet_32",
-                         dataset: str = "h36m") -> ml_collections.ConfigDict:
-  """The official architecture for a (backbone, dataset) pair."""
-  if backbone not in BACKBONES:
-    raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
-  if dataset not in ("h36m", "3dhp"):
-    raise ValueError(f"dataset must be 'h36m' or '3dhp', got {dataset!r}")
-  if dataset == "3dhp" and backbone == "cpn":
-    raise ValueError("the official MPI-INF-3DHP models use HRNet backbones only")
-  c = ml_collections.ConfigDict()
-  c.backbone = backbone
-  c.backbone_kwargs = ml_collections.ConfigDict()  # e.g. a reduced width for tests
-  c.backbone_dtype = "float32"  # compute dtype of the (frozen) backbone
-  # Precision policy: the parity-exact setting. GPUs/TPUs: matmul_precision
-  # 'default' + lifter_dtype 'bfloat16' (+ backbone_dtype 'bfloat16').
-  c.lifter_dtype = Lifter.dtype  # compute dtype; parameters always float32
-  c.matmul_precision = Lifter.matmul_precision  # 'highest' | 'high' | 'default'
-  c.dataset = dataset  # joint conventions: 'h36m' | '3dhp'
-  # The lifter: `Lifter`'s defaults are the official Human3.6M architecture.
-  # 3DHP (ContextPose_mpi): no deformable blocks, C = 64 for W32 and 96 for W48.
-  c.embed_dim = Lifter.embed_dim if dataset == "h36m" else _3DHP_EMBED_DIM[backbone]
-  c.deformable = Lifter.deformable and dataset == "h36m"
-  for name in _LIFTER_FIELDS:
-    if name not in c:
-      c[name] = getattr(Lifter, name)
-  c.train_backbone = False  # official: frozen, BatchNorm in inference mode
-  c.use_context = Lifter.use_context  # False: the context-free baseline lifter
-  return c
+# The official architecture as a model config (jax-free, for the configs).
+default_model_config = defaults.default_model_config
+_LIFTER_FIELDS = defaults.LIFTER_FIELDS
 
 
 class ModelConfigError(ValueError):

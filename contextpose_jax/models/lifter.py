@@ -34,6 +34,7 @@ import flax.linen as nn
 import numpy as np
 
 from contextpose_jax.models import materialize
+from contextpose_jax.models import defaults
 from contextpose_jax.models import matmul_precision
 from contextpose_jax.models.sampler import grid_sample
 
@@ -253,28 +254,32 @@ class DeformableBlock(nn.Module):
     return materialize.materialized(jnp.concatenate([x_0, x], axis=1))  # as in Block
 
 
+_DEFAULTS = defaults.LIFTER
+
+
 class Lifter(nn.Module):
   """2D keypoints + sampled context -> root-relative 3D pose (B, 1, P, 3).
 
   ``use_context=False`` is the context-free baseline: only the keypoint
   tokens (one level), no feature tokens and no deformable blocks.
   """
-  embed_dim: int = 128
-  depth: int = 4
-  num_heads: int = 8
-  mlp_ratio: float = 2.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  drop_path_rate: float = 0.2
-  deformable: bool = True
-  use_context: bool = True
-  deformable_heads: int = 4
-  deformable_samples: int = 4
+  # The official values: defaults.LIFTER (read by configs without flax).
+  embed_dim: int = _DEFAULTS["embed_dim"]
+  depth: int = _DEFAULTS["depth"]
+  num_heads: int = _DEFAULTS["num_heads"]
+  mlp_ratio: float = _DEFAULTS["mlp_ratio"]
+  qkv_bias: bool = _DEFAULTS["qkv_bias"]
+  drop_rate: float = _DEFAULTS["drop_rate"]
+  attn_drop_rate: float = _DEFAULTS["attn_drop_rate"]
+  drop_path_rate: float = _DEFAULTS["drop_path_rate"]
+  deformable: bool = _DEFAULTS["deformable"]
+  use_context: bool = _DEFAULTS["use_context"]
+  deformable_heads: int = _DEFAULTS["deformable_heads"]
+  deformable_samples: int = _DEFAULTS["deformable_samples"]
   # Precision policy (see the module docstring): compute dtype 'float32' |
   # 'bfloat16'; matmul precision 'highest' | 'high' | 'default'.
-  dtype: Any = "float32"
-  matmul_precision: str = "highest"
+  dtype: Any = _DEFAULTS["dtype"]
+  matmul_precision: str = _DEFAULTS["matmul_precision"]
 
   @nn.compact
   def __call__(self, keypoints_2d, ref, features: Sequence[jax.Array],
