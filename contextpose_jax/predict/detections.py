@@ -310,13 +310,13 @@ def check_box(box, width: int, height: int, where: str) -> None:
     raise InputError(f"{where}: box {box.tolist()} holds NaN or infinite values")
   x0, y0, x1, y1 = box
   if not (x1 > x0 and y1 > y0):
-    raise InputError(f"{where}: box {list(np.round(box, 2))} is empty "
+    raise InputError(f"{where}: box {np.round(box, 2).tolist()} is empty "
                      "(need x0 < x1 and y0 < y1)")
   if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-    raise InputError(f"{where}: box {list(np.round(box, 2))} lies outside the "
+    raise InputError(f"{where}: box {np.round(box, 2).tolist()} lies outside the "
                      f"{width}x{height} image")
   if max(x1 - x0, y1 - y0) > FAR_OUTSIDE * max(width, height):
-    raise InputError(f"{where}: box {list(np.round(box, 2))} is over {FAR_OUTSIDE:g} "
+    raise InputError(f"{where}: box {np.round(box, 2).tolist()} is over {FAR_OUTSIDE:g} "
                      f"times the size of the {width}x{height} image")
 
 

@@ -221,7 +221,7 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging):
   stems = writers.unique_stems(frames.names)
   warnings = lifting.Warnings()
   progress = Progress("lift 3D", len(frames))
-  state = dict(released=0, empty=[], propagated=None)
+  state = dict(released=0, empty=[], n_empty=0, propagated=None)
 
   def label(row):
     name = frames.names[row["frame_index"]]
@@ -252,12 +252,19 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging):
     """A frame whose instances all have 2D: tracked, smoothed, lifted."""
     i, name, image = item
     h, w = image.shape[:2]
-    if not instances:
-      state["empty"].append(name)
+    if not instances:  # reported at the end: a count and the first few names
+      state["n_empty"] += 1
+      if len(state["empty"]) < 5:
+        state["empty"].append(name)
     rows = []
     for inst in instances:
       dets.check_keypoints(inst.keypoints, w, h, f"{name}: keypoints", joint_names)
       extent = geometry.box_from_keypoints(inst.keypoints, 1.0)
+      if inst.lift_box is None and inst.detection_box is not None and not _overlaps(
+          geometry.box_from_keypoints(inst.keypoints, args.keypoint_box_enlarge), w, h):
+        # Detected keypoints that miss the frame (a failed detection): lift in
+        # the detector's own box; the row is flagged suspect.
+        inst.lift_box = inst.detection_box
       rows.append(dict(frame_index=i, keypoints=np.asarray(inst.keypoints, np.float64),
                        scores=inst.scores, coco=inst.coco, coco_scores=inst.coco_scores,
                        person_bbox=inst.box, score=inst.score, lift_box=inst.lift_box,
@@ -306,8 +313,8 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging):
     if detect is None:
       forward(item, instances)
     elif args.propagate_box:
-      _detect_propagated(detect, item, instances[0], state, args.restart_score)
-      forward(item, instances)
+      found = _detect_propagated(detect, item, instances[0], state, args.restart_score)
+      forward(item, instances if found else [])
     else:
       pending.append((item, instances))
       pending_count += len(instances)
@@ -325,9 +332,9 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging):
   progress.update(len(frames))
   progress.close()
   warnings.close()
-  if state["empty"]:
-    shown = ", ".join(state["empty"][:5]) + (", ..." if len(state["empty"]) > 5 else "")
-    print(f"warning: {len(state['empty'])} of {len(frames)} frames have no person "
+  if state["n_empty"]:
+    shown = ", ".join(state["empty"]) + (", ..." if state["n_empty"] > 5 else "")
+    print(f"warning: {state['n_empty']} of {len(frames)} frames have no person "
           f"({shown}); they have no rows in poses.npz", file=sys.stderr)
   arrays = writer.finish()
   if (args.plot and args.animation and not inputs.multi and writer.count > 1):
@@ -338,11 +345,17 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging):
                             titles=[frames.names[i] for i in arrays["frame_index"]])
 
 
+def _overlaps(box, width: int, height: int) -> bool:
+  x0, y0, x1, y1 = box
+  return x1 > 0 and y1 > 0 and x0 < width and y0 < height
+
+
 def _detect_propagated(detect, item, instance, state, restart_score):
   """Single-person tracking by detection: detect in the box propagated from
   the previous frame; if the scores collapse there, detect again in the
   start box (``--bbox`` or the whole frame). The next frame's box comes from
-  this frame's keypoints."""
+  this frame's keypoints. False: not found (the scores collapsed in both
+  boxes), the frame gets no row."""
   _, _, image = item
   h, w = image.shape[:2]
   detect.detect([(instance, image)])
@@ -352,3 +365,4 @@ def _detect_propagated(detect, item, instance, state, restart_score):
     detect.detect([(instance, image)])
   state["propagated"] = tracking.propagated_box(instance.coco, instance.coco_scores, w, h,
                                                 restart_score)
+  return float(np.mean(instance.coco_scores)) >= restart_score
