@@ -362,3 +362,200 @@ def test_memory_stays_flat_on_a_3000_frame_video(model_dir, tmp_path, capsys):
   assert probe.samples[-1] <= probe.samples[1] + 1e6, probe.samples
   # A few batches of crops (float32 crops: 0.6 MB each); all 3,000 would be 2 GB.
   assert peak < 100e6, peak
+
+
+def _coco_keypoint_results(frames):
+  """COCO keypoint results of both people in each of ``frames``."""
+  return [{"image_id": t, "category_id": 1, "score": 0.9,
+           "keypoints": np.concatenate([kp, np.full((17, 1), 0.9)], 1).ravel().tolist()}
+          for t in frames for kp, _, _ in _people(t)]
+
+
+class InterruptingDetector(TemplateDetector):
+  def detect_2d(self, images):
+    if self.calls:
+      raise KeyboardInterrupt  # Ctrl-C midway
+    return super().detect_2d(images)
+
+
+def test_interrupted_run_leaves_no_complete_looking_output(model_dir, clip, tmp_path):
+  (tmp_path / "kp.json").write_text(json.dumps(_coco_keypoint_results(range(N_FRAMES))))
+  (tmp_path / "det.json").write_text(json.dumps(
+      [{"image_id": t, "bbox": _xywh(b), "score": 0.9} for t in range(N_FRAMES)
+       for _, _, b in _people(t)]))
+  base = [f"--checkpoint={model_dir}", f"--video={clip}", "--noplot", "--batch_size=4"]
+  with pytest.raises(KeyboardInterrupt):
+    _run(*base, f"--detections={tmp_path / 'det.json'}", "--detector=unused",
+         f"--output={tmp_path / 'out'}", detector=InterruptingDetector())
+  assert sorted(os.listdir(tmp_path)) == ["det.json", "kp.json"]  # no output, no staging
+
+  # An interrupted --overwrite keeps the earlier output as it was.
+  assert _run(*base, f"--keypoints={tmp_path / 'kp.json'}", "--keypoint_format=coco",
+              f"--output={tmp_path / 'out'}") == 0
+  before = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
+  with pytest.raises(KeyboardInterrupt):
+    _run(*base, f"--detections={tmp_path / 'det.json'}", "--detector=unused", "--overwrite",
+         f"--output={tmp_path / 'out'}", detector=InterruptingDetector())
+  assert sorted(os.listdir(tmp_path)) == ["det.json", "kp.json", "out"]
+  assert {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")} == before
+
+
+def test_overwrite_replaces_only_an_earlier_output(model_dir, clip, tmp_path, capsys):
+  (tmp_path / "kp.json").write_text(json.dumps(_coco_keypoint_results(range(N_FRAMES))))
+  (tmp_path / "kp3.json").write_text(json.dumps(_coco_keypoint_results(range(3))))
+  base = [f"--checkpoint={model_dir}", f"--video={clip}", "--noplot",
+          "--keypoint_format=coco", f"--output={tmp_path / 'out'}"]
+  assert _run(*base, f"--keypoints={tmp_path / 'kp.json'}") == 0
+  capsys.readouterr()
+  assert _run(*base, f"--keypoints={tmp_path / 'kp3.json'}") == 1
+  err = capsys.readouterr().err.strip()
+  assert err.endswith("out: already exists; choose a new --output directory "
+                      "(or --overwrite to replace an earlier capf-predict output)"), err
+  assert _run(*base, f"--keypoints={tmp_path / 'kp3.json'}", "--overwrite") == 0
+  assert len(np.load(tmp_path / "out" / "poses.npz")["frame_index"]) == 6
+  assert sorted(os.listdir(tmp_path)) == ["kp.json", "kp3.json", "out"]
+  # Anything else is never replaced.
+  other = tmp_path / "mine"
+  other.mkdir()
+  (other / "notes.txt").write_text("keep")
+  capsys.readouterr()
+  assert _run(*base[:-1], f"--keypoints={tmp_path / 'kp3.json'}", "--overwrite",
+              f"--output={other}") == 1
+  err = capsys.readouterr().err.strip()
+  assert "mine: exists and is not a capf-predict output" in err and len(err.splitlines()) == 1
+  assert os.listdir(other) == ["notes.txt"]
+
+
+def _still(tmp_path):
+  """One frame of the clip as a PNG, and H36M keypoints of person 0 in it."""
+  assert cv2.imwrite(str(tmp_path / "f.png"), cv2.cvtColor(_frame(0), cv2.COLOR_RGB2BGR))
+  return skeleton.coco_to_h36m(_people(0)[0][0])
+
+
+BAD = {
+    "detections_for_missing_frames": ("det", "det.json: image_id 99 is not a frame of"),
+    "detection_box_outside_frame": ("det", "lies outside the 320x160 image"),
+    "coco_keypoints_16_joints": ("coco", "'keypoints' has 48 numbers; expected 51"),
+    "coco_keypoints_nan": ("coco", "joint 3 (left_ear) is not finite"),
+    "keypoints_far_outside": ("file", "joint 4 ({}) at [1e+30, 1e+30] is far outside the "
+                                      "320x160 image"),
+    "bbox_infinite": ("file", "kp.json: 'bbox' of set 0 holds NaN or infinite values"),
+    "detections_without_detector": ("det", "give --detector=DIR"),
+    "bbox_with_detections": ("det", "--bbox is one person's box"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_nothing_written(model_dir, clip, tmp_path, capsys, case):
+  kind, expect = BAD[case]
+  work = tmp_path / "in"
+  work.mkdir()
+  kp = _still(work)
+  args = [f"--checkpoint={model_dir}", f"--output={tmp_path / 'out'}", "--noplot"]
+  detector = TemplateDetector()
+  if kind == "det":
+    boxes = [{"image_id": t, "bbox": _xywh(b), "score": 0.9} for t in range(N_FRAMES)
+             for _, _, b in _people(t)]
+    if case == "detections_for_missing_frames":
+      boxes.append({"image_id": 99, "bbox": [10, 10, 50, 50], "score": 0.9})
+    elif case == "detection_box_outside_frame":
+      boxes.append({"image_id": 5, "bbox": [1000, 10, 50, 50], "score": 0.9})
+    (work / "det.json").write_text(json.dumps(boxes))
+    args += [f"--video={clip}", f"--detections={work / 'det.json'}"]
+    if case == "detections_without_detector":
+      detector = None
+    else:
+      args.append("--detector=unused")
+    if case == "bbox_with_detections":
+      args.append("--bbox=10,10,100,100")
+  elif kind == "coco":
+    results = _coco_keypoint_results(range(N_FRAMES))
+    if case == "coco_keypoints_16_joints":
+      results[7]["keypoints"] = results[7]["keypoints"][:48]
+    else:
+      results[7]["keypoints"][3 * 3] = float("nan")  # written as NaN, read back as NaN
+    (work / "kp.json").write_text(json.dumps(results))
+    args += [f"--video={clip}", f"--keypoints={work / 'kp.json'}", "--keypoint_format=coco"]
+  else:
+    record = {"keypoints": kp.tolist()}
+    if case == "keypoints_far_outside":
+      record["keypoints"][4] = [1e30, 1e30]
+      expect = expect.format(skeleton.H36M_JOINT_NAMES[4])
+    else:
+      record["bbox"] = [-float("inf"), -float("inf"), float("inf"), float("inf")]
+    (work / "kp.json").write_text(json.dumps(record))
+    args += [f"--image={work / 'f.png'}", f"--keypoints={work / 'kp.json'}"]
+  before = sorted(os.listdir(tmp_path))
+  assert _run(*args, detector=detector) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  err = [e for e in err if not e.startswith("lift 3D")]  # the progress line
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert expect in err[0], err
+  assert sorted(os.listdir(tmp_path)) == before  # nothing half-written
+
+
+def test_image_picks_its_set_and_paths_expand(model_dir, tmp_path, monkeypatch):
+  """--image with a keypoints file for several frames takes the set that
+  names it; ~ and $VARS in path flags are expanded."""
+  folder = tmp_path / "frames"
+  folder.mkdir()
+  kps = []
+  for t, name in enumerate(["a.png", "b.png", "c.png"]):
+    assert cv2.imwrite(str(folder / name), cv2.cvtColor(_frame(t), cv2.COLOR_RGB2BGR))
+    kps.append(skeleton.coco_to_h36m(_people(t)[1][0]))
+  (tmp_path / "kp.json").write_text(json.dumps({"frames": ["a.png", "b.png", "c.png"],
+                                                "keypoints": np.stack(kps).tolist()}))
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("CAPF_TEST_FRAMES", str(folder))
+  assert _run(f"--checkpoint={model_dir}", "--image=$CAPF_TEST_FRAMES/b.png",
+              "--keypoints=~/kp.json", "--noplot", "--output=~/out") == 0
+  got = np.load(tmp_path / "out" / "poses.npz")
+  assert list(got["frames"]) == ["b.png"]
+  np.testing.assert_allclose(got["keypoints_2d_px"][0], kps[1], atol=1e-4)
+  record = _strict_json(tmp_path / "out" / "poses.json")
+  assert list(record["frames"]) == ["b.png"] and record["instances"][0]["frame"] == "b.png"
+  # poses.json: 0.1 mm.
+  raw = np.asarray(record["instances"][0]["keypoints_3d_raw"])
+  np.testing.assert_array_equal(raw, np.round(got["keypoints_3d_raw"][0].astype(np.float64), 4))
+
+
+def test_help_and_argument_errors_import_no_heavy_module():
+  script = textwrap.dedent("""
+      import sys
+      from contextpose_jax.predict import main
+      assert main(["--help"]) == 0
+      assert main(["--checkpoint=x", "--output=/tmp/never", "--smooth=4", "--image=a"]) == 1
+      assert main(["--checkpoint=x"]) == 1
+      heavy = ("jax", "flax", "cv2", "matplotlib", "tensorflow_datasets", "orbax")
+      print("HEAVY", sorted(m for m in heavy if m in sys.modules))
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert "HEAVY []" in proc.stdout, proc.stdout
+  assert proc.stderr.splitlines() == ["error: --smooth must be 0 (off) or an odd number of "
+                                      "frames, got 4", "error: --output is required (see --help)"]
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(model_dir, tmp_path):
+  """A file-size limit (RLIMIT_FSIZE, as a full disk fails a write) while the
+  outputs are written: one line, exit 1, no output, no staging folder."""
+  _still(tmp_path)
+  (tmp_path / "kp.json").write_text(json.dumps(
+      {"keypoints": skeleton.coco_to_h36m(_people(0)[0][0]).tolist()}))
+  script = textwrap.dedent(f"""
+      import resource, sys
+      resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+      from contextpose_jax.predict import main
+      sys.exit(main(["--checkpoint={model_dir}", "--image={tmp_path / 'f.png'}",
+                     "--keypoints={tmp_path / 'kp.json'}", "--compilation_cache=off",
+                     "--output={tmp_path / 'out'}"]))
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1 and "File too large while writing" in lines[0], proc.stderr[-2000:]
+  assert "nothing was written" in lines[0]
+  assert sorted(os.listdir(tmp_path)) == ["f.png", "kp.json"]

@@ -89,6 +89,9 @@ def _frames_and_inputs(args, dataset: str, detector) -> tuple:
   coco_results = args.keypoints is not None and dets.is_coco_results(args.keypoints)
   if args.keypoints is None:
     if detector is None and args.detector is None:
+      if args.detections is not None:
+        raise InputError("--detections gives person boxes; give --detector=DIR to find "
+                         "their 2D keypoints")
       raise InputError("give the 2D keypoints (--keypoints=FILE) or a COCO backbone to "
                        "detect them (--detector=DIR)")
     if dataset != "h36m":
@@ -186,20 +189,21 @@ def run(args, detector=None) -> str:
   if args.propagate_box and not inputs.mode == "detect":
     raise InputError("--propagate_box needs --detector and no --keypoints / --detections")
   if inputs.detecting:
-    if detector is None and args.detector is None:
-      raise InputError("--detections gives person boxes; give --detector=DIR to find "
-                       "their 2D keypoints")
     detector = _check_detector(args, detector)
   predictor = _load_predictor(args.checkpoint, args.fold_batch_norm)
   if not predictor.has_lifter:
     raise InputError(f"{args.checkpoint}: holds only a backbone; give a CA-PF model "
                      "(a converted --kind=capf checkpoint or a training workdir)")
-  with writers.output_directory(args.output, args.overwrite) as staging:
-    _predict(args, frames, inputs, dataset, predictor, detector, staging)
+  progress = Progress("lift 3D", len(frames))
+  try:
+    with writers.output_directory(args.output, args.overwrite) as staging:
+      _predict(args, frames, inputs, dataset, predictor, detector, staging, progress)
+  finally:
+    progress.close()  # ends the progress line before an error line
   return args.output
 
 
-def _predict(args, frames, inputs, dataset, predictor, detector, staging):
+def _predict(args, frames, inputs, dataset, predictor, detector, staging, progress):
   pad = len(frames) > args.batch_size
   lifter = lifting.Lifter(predictor, batch_size=args.batch_size, flip_test=args.flip_test,
                           pad=pad, keypoint_box_enlarge=args.keypoint_box_enlarge)
@@ -220,7 +224,6 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging):
                  else tuple(f"3dhp joint {j}" for j in range(skeleton.NUM_JOINTS)))
   stems = writers.unique_stems(frames.names)
   warnings = lifting.Warnings()
-  progress = Progress("lift 3D", len(frames))
   state = dict(released=0, empty=[], n_empty=0, propagated=None)
 
   def label(row):

@@ -135,7 +135,9 @@ class Smoother:
     self.ended.update(self.history)
 
   def _ready(self, row) -> bool:
-    track = self.history[row["track_id"]]
+    track = self.history.get(row["track_id"])
+    if track is None:
+      return True
     after = track[-1]["_pos"] - row["_pos"]
     return after >= self.half or row["track_id"] in self.ended
 
@@ -144,6 +146,9 @@ class Smoother:
       item, rows = self.frames.popleft()
       for row in rows:
         self._smooth(row)
+        track = self.history[row["track_id"]]
+        if row["track_id"] in self.ended and track[-1] is row:  # the track is done
+          del self.history[row["track_id"]]
       yield item, rows
 
   def _smooth(self, row):

@@ -26,7 +26,7 @@ OUTPUT_FILES = ("poses.npz", "poses.json")
 OUTPUT_EXTENSIONS = (".png", ".gif", ".npz", ".json", ".mp4")
 DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SPOOL = ".rows"
-DECIMALS_3D = 6  # poses.json: metres to 1 micrometre
+DECIMALS_3D = 4  # poses.json: metres to 0.1 mm (float32 noise is not data)
 
 
 # ----------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class RowWriter:
     header = {
         "joint_names": list(joint_names),
         "root_joint": root,
-        "units": (f"metres; keypoints_3d is root-relative (joint {root} = "
+        "units": (f"metres, rounded to 0.1 mm; keypoints_3d is root-relative (joint {root} = "
                   f"{'pelvis' if self.dataset == 'h36m' else 'pelvis (MPI-INF-3DHP joint 14)'}"
                   " at 0), keypoints_3d_raw is the model's output; camera axes: x right, "
                   f"y down, z forward; keypoints_2d / keypoints_2d_px in image pixels, "
