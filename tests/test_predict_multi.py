@@ -559,3 +559,40 @@ def test_full_disk_is_one_line_and_leaves_nothing(model_dir, tmp_path):
   assert len(lines) == 1 and "File too large while writing" in lines[0], proc.stderr[-2000:]
   assert "nothing was written" in lines[0]
   assert sorted(os.listdir(tmp_path)) == ["f.png", "kp.json"]
+
+
+def test_ids_kept_through_short_misses_and_smoothing_per_track(model_dir, clip, tmp_path):
+  """Person 1 is missed in frames 5 and 6 (occluded): it keeps its id.
+  --smooth=3 averages each track's own rows (smooth_keypoints on the track)."""
+  results = [r for r in _coco_keypoint_results(range(N_FRAMES))
+             if not (r["image_id"] in (5, 6) and _person_of(skeleton.coco_to_h36m(
+                 np.reshape(r["keypoints"], (17, 3))[:, :2]), r["image_id"]) == 1)]
+  rng = np.random.default_rng(3)
+  for r in results:  # detector jitter, so that smoothing changes something
+    kp = np.reshape(r["keypoints"], (17, 3))
+    kp[:, :2] += rng.normal(0, 1.5, (17, 2))
+    r["keypoints"] = kp.ravel().tolist()
+  (tmp_path / "kp.json").write_text(json.dumps(results))
+  out = tmp_path / "out"
+  assert _run(f"--checkpoint={model_dir}", f"--video={clip}", "--smooth=3",
+              f"--keypoints={tmp_path / 'kp.json'}", "--keypoint_format=coco",
+              "--batch_size=8", "--noplot", f"--output={out}") == 0
+  got = np.load(out / "poses.npz")
+  assert len(got["frame_index"]) == 2 * N_FRAMES - 2
+  assert sorted(set(got["track_id"].tolist())) == [0, 1]
+  for track in (0, 1):
+    rows = got["track_id"] == track
+    frames = got["frame_index"][rows]
+    raw = got["keypoints_2d_px_unsmoothed"][rows]
+    # One person per track (the nearer of the two, through the jitter).
+    people = {int(np.argmin([np.abs(skeleton.coco_to_h36m(p[0]) - k).mean()
+                             for p in _people(t)])) for t, k in zip(frames, raw)}
+    assert len(people) == 1, (track, people)
+    assert len(frames) in (N_FRAMES, N_FRAMES - 2)
+    np.testing.assert_allclose(got["keypoints_2d_px"][rows],
+                               predict.smooth_keypoints(raw, 3), atol=1e-4)
+  # The occluded person's track skips frames 5 and 6 and goes on with its id.
+  short = [t for t in (0, 1) if (got["track_id"] == t).sum() == N_FRAMES - 2]
+  assert len(short) == 1
+  assert sorted(set(range(N_FRAMES)) - set(got["frame_index"][got["track_id"] == short[0]])) \
+      == [5, 6]
