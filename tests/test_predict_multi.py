@@ -596,3 +596,27 @@ def test_ids_kept_through_short_misses_and_smoothing_per_track(model_dir, clip, 
   assert len(short) == 1
   assert sorted(set(range(N_FRAMES)) - set(got["frame_index"][got["track_id"] == short[0]])) \
       == [5, 6]
+
+
+def test_render_mp4_draws_each_track_in_its_colour(model_dir, clip, tmp_path):
+  from contextpose_jax.predict import render
+  (tmp_path / "kp.json").write_text(json.dumps(_coco_keypoint_results(range(N_FRAMES))))
+  out = tmp_path / "out"
+  assert _run(f"--checkpoint={model_dir}", f"--video={clip}", "--render=mp4",
+              f"--keypoints={tmp_path / 'kp.json'}", "--keypoint_format=coco", "--noplot",
+              f"--output={out}") == 0
+  assert sorted(os.listdir(out)) == ["overlay.mp4", "poses.json", "poses.npz"]
+  video = _decoded(out / "overlay.mp4")
+  assert len(video) == N_FRAMES and video[0].shape == (H, W + H, 3)
+  got = np.load(out / "poses.npz")
+  for t in (0, N_FRAMES - 1):
+    frame = video[t].astype(int)
+    for track in (0, 1):
+      rgb = np.array(render.colour(track))
+      near = np.abs(frame - rgb).sum(-1) < 60
+      assert near[:, :W].sum() > 30, (t, track)   # the 2D skeleton on the frame
+      assert near[:, W:].sum() > 30, (t, track)   # its 3D panel
+      # ... drawn where that track's keypoints are.
+      kp = got["keypoints_2d_px"][(got["frame_index"] == t) & (got["track_id"] == track)][0]
+      ys, xs = np.nonzero(near[:, :W])
+      assert abs(np.median(xs) - kp[:, 0].mean()) < 15, (t, track)

@@ -15,7 +15,7 @@ One module per stage (docs/inference.md, docs/architecture.md):
 - ``tracking``: IoU tracks, per-track smoothing, the propagated box;
 - ``lifting``: the official crop of each instance, lifted in batches;
 - ``writers``: rows spooled as the run goes, ``poses.npz`` / ``poses.json``,
-  the atomic output directory;
+  the atomic output directory; ``render``: the ``--render=mp4`` overlay video;
 - ``pipeline``: the one streaming pass; ``cli``: the flags (light imports:
   ``--help`` and argument errors come back before jax is imported).
 

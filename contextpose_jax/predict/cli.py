@@ -78,8 +78,11 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_boolean("plot", True, "write a PNG per frame (per person)", **d)
   flags.DEFINE_boolean("animation", True, "with --plot and several frames of one person, "
                        "also write skeleton.gif (the 3D skeleton over time)", **d)
-  flags.DEFINE_float("fps", None, "frame rate of skeleton.gif (default: the video's, or 10)",
-                     **d)
+  flags.DEFINE_enum("render", None, ["mp4"], "mp4: also write overlay.mp4, each frame with "
+                    "every track's 2D skeleton in its own colour beside a 3D panel per track",
+                    **d)
+  flags.DEFINE_float("fps", None, "frame rate of skeleton.gif and overlay.mp4 (default: the "
+                     "video's, or 10)", **d)
   flags.DEFINE_float("elev", 15.0, "3D view elevation (degrees)", **d)
   flags.DEFINE_float("azim", -70.0, "3D view azimuth (degrees)", **d)
   flags.DEFINE_integer("batch_size", 8, "crops per model call", **d)

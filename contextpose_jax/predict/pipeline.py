@@ -21,6 +21,7 @@ from contextpose_jax.api import Predictor
 from contextpose_jax.predict import detections as dets
 from contextpose_jax.predict import detect2d
 from contextpose_jax.predict import lifting
+from contextpose_jax.predict import render
 from contextpose_jax.predict import sources
 from contextpose_jax.predict import tracking
 from contextpose_jax.predict import writers
@@ -223,6 +224,10 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging, progre
   joint_names = (skeleton.H36M_JOINT_NAMES if dataset == "h36m"
                  else tuple(f"3dhp joint {j}" for j in range(skeleton.NUM_JOINTS)))
   stems = writers.unique_stems(frames.names)
+  overlay = (render.OverlayVideo(os.path.join(staging, "overlay.mp4"),
+                                 args.fps or frames.fps or 10.0, dataset=dataset,
+                                 elev=args.elev, azim=args.azim)
+             if args.render == "mp4" else None)
   warnings = lifting.Warnings()
   state = dict(released=0, empty=[], n_empty=0, propagated=None)
 
@@ -241,14 +246,21 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging, progre
                             azim=args.azim, title=label(row))
       del row["crop"]
     writer.append(rows)
+    if overlay is not None:
+      overlay.add_rows(rows)
     if rows:
       progress.update(min(state["released"], len(frames)))
 
-  def lift_ready():
-    for (i, name, image), rows in smoother.ready():
+  def release(ready):
+    for (i, name, image), rows in ready:
       for row in rows:
         lifter.add(row, image, name)
+      if overlay is not None:
+        overlay.add_frame(i, image, len(rows))
       state["released"] += 1
+
+  def lift_ready():
+    release(smoother.ready())
     write(lifter.flush())
 
   def forward(item, instances):
@@ -327,11 +339,10 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging, progre
   if pending:
     detect_pending()
   smoother.finish()
-  for (i, name, image), rows in smoother.ready():
-    for row in rows:
-      lifter.add(row, image, name)
-    state["released"] += 1
+  release(smoother.ready())
   write(lifter.flush(final=True))
+  if overlay is not None:
+    overlay.close()
   progress.update(len(frames))
   progress.close()
   warnings.close()
