@@ -378,24 +378,25 @@ class InterruptingDetector(TemplateDetector):
     return super().detect_2d(images)
 
 
-def test_interrupted_run_leaves_no_complete_looking_output(model_dir, clip, tmp_path):
+def test_interrupted_run_leaves_no_complete_looking_output(model_dir, clip, tmp_path, capsys):
   (tmp_path / "kp.json").write_text(json.dumps(_coco_keypoint_results(range(N_FRAMES))))
   (tmp_path / "det.json").write_text(json.dumps(
       [{"image_id": t, "bbox": _xywh(b), "score": 0.9} for t in range(N_FRAMES)
        for _, _, b in _people(t)]))
   base = [f"--checkpoint={model_dir}", f"--video={clip}", "--noplot", "--batch_size=4"]
-  with pytest.raises(KeyboardInterrupt):
-    _run(*base, f"--detections={tmp_path / 'det.json'}", "--detector=unused",
-         f"--output={tmp_path / 'out'}", detector=InterruptingDetector())
+  assert _run(*base, f"--detections={tmp_path / 'det.json'}", "--detector=unused",
+              f"--output={tmp_path / 'out'}", detector=InterruptingDetector()) == 130
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error")]
+  assert err == ["error: interrupted (Ctrl-C); nothing was written"], err
   assert sorted(os.listdir(tmp_path)) == ["det.json", "kp.json"]  # no output, no staging
 
   # An interrupted --overwrite keeps the earlier output as it was.
   assert _run(*base, f"--keypoints={tmp_path / 'kp.json'}", "--keypoint_format=coco",
               f"--output={tmp_path / 'out'}") == 0
   before = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
-  with pytest.raises(KeyboardInterrupt):
-    _run(*base, f"--detections={tmp_path / 'det.json'}", "--detector=unused", "--overwrite",
-         f"--output={tmp_path / 'out'}", detector=InterruptingDetector())
+  assert _run(*base, f"--detections={tmp_path / 'det.json'}", "--detector=unused",
+              "--overwrite", f"--output={tmp_path / 'out'}",
+              detector=InterruptingDetector()) == 130
   assert sorted(os.listdir(tmp_path)) == ["det.json", "kp.json", "out"]
   assert {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")} == before
 
@@ -620,3 +621,34 @@ def test_render_mp4_draws_each_track_in_its_colour(model_dir, clip, tmp_path):
       kp = got["keypoints_2d_px"][(got["frame_index"] == t) & (got["track_id"] == track)][0]
       ys, xs = np.nonzero(near[:, :W])
       assert abs(np.median(xs) - kp[:, 0].mean()) < 15, (t, track)
+
+
+
+def test_sigterm_is_one_line_and_leaves_nothing(model_dir, clip, tmp_path):
+  """SIGTERM midway (the 2D detector's second call): exit 143, one line, no
+  output and no staging folder."""
+  (tmp_path / "det.json").write_text(json.dumps(
+      [{"image_id": t, "bbox": _xywh(b), "score": 0.9} for t in range(N_FRAMES)
+       for _, _, b in _people(t)]))
+  script = textwrap.dedent(f"""
+      import os, signal, sys
+      sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+      from test_predict_multi import TemplateDetector
+      from contextpose_jax.predict import main
+      class Killed(TemplateDetector):
+        def detect_2d(self, images):
+          if self.calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+          return super().detect_2d(images)
+      sys.exit(main(["--checkpoint={model_dir}", "--video={clip}", "--detector=unused",
+                     "--detections={tmp_path / 'det.json'}", "--batch_size=4", "--noplot",
+                     "--compilation_cache=off", "--output={tmp_path / 'out'}"],
+                    detector=Killed()))
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 143, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error")]
+  assert lines == ["error: terminated (SIGTERM); nothing was written"], proc.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ["det.json"]

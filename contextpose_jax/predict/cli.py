@@ -7,7 +7,9 @@ matplotlib are imported; the run (``pipeline``) imports them.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from absl import flags
@@ -158,9 +160,35 @@ def check_options(args) -> None:
                      + (f" (got {', '.join(sources)})" if sources else ""))
 
 
+class Terminated(BaseException):
+  """SIGTERM, raised in the main thread so that every staging folder is removed."""
+
+
+def _on_sigterm(signum, frame):
+  del frame
+  raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None, *, detector=None) -> int:
-  """The CLI: ``main(["--checkpoint=...", ...])`` -> exit status (0 or 1)."""
+  """The CLI: ``main(["--checkpoint=...", ...])`` -> exit status (0, 1, or
+  128 + the signal: 130 for Ctrl-C, 143 for SIGTERM)."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+  try:
+    return _main(argv, detector)
+  except KeyboardInterrupt:
+    print("error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+    return 128 + signal.SIGINT
+  except Terminated:
+    print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+    return 128 + signal.SIGTERM
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv, detector) -> int:
   try:
     args = parse_flags(argv)
     from contextpose_jax.predict import writers  # pylint: disable=import-outside-toplevel
