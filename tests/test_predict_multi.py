@@ -652,3 +652,30 @@ def test_sigterm_is_one_line_and_leaves_nothing(model_dir, clip, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error")]
   assert lines == ["error: terminated (SIGTERM); nothing was written"], proc.stderr[-2000:]
   assert sorted(os.listdir(tmp_path)) == ["det.json"]
+
+
+def test_shipped_two_person_example(model_dir, tmp_path):
+  """examples/two_people: its COCO keypoint results pair two people with
+  every frame of its clip, capf-predict tracks them through the crossing
+  (each track walks one way), and make_two_people.py regenerates it."""
+  import runpy
+  folder = os.path.join(ROOT, "examples", "two_people")
+  clip, keypoints = os.path.join(folder, "clip.mp4"), os.path.join(folder, "keypoints.json")
+  assert os.path.getsize(clip) < 150_000
+  out = tmp_path / "out"
+  assert _run(f"--checkpoint={model_dir}", f"--video={clip}", f"--keypoints={keypoints}",
+              "--keypoint_format=coco", "--noplot", f"--output={out}") == 0
+  got = np.load(out / "poses.npz")
+  assert len(got["frame_index"]) == 2 * 24 and sorted(set(got["track_id"])) == [0, 1]
+  directions = set()
+  for track in (0, 1):
+    pelvis_x = got["keypoints_2d_px"][got["track_id"] == track][:, 0, 0]
+    steps = np.diff(pelvis_x)
+    assert len(pelvis_x) == 24 and (np.all(steps > 0) or np.all(steps < 0)), pelvis_x
+    directions.add(bool(steps[0] > 0))
+  assert directions == {True, False}  # one walks right, the other left: they cross
+  runpy.run_path(os.path.join(ROOT, "examples", "make_two_people.py"),
+                 run_name="not_main")["main"](["--output", str(tmp_path / "again")])
+  with open(keypoints) as f:
+    assert json.load(f) == json.loads((tmp_path / "again" / "keypoints.json").read_text())
+  assert len(_decoded(tmp_path / "again" / "clip.mp4")) == 24
