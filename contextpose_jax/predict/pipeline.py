@@ -282,7 +282,8 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging, progre
         inst.lift_box = inst.detection_box
       rows.append(dict(frame_index=i, keypoints=np.asarray(inst.keypoints, np.float64),
                        scores=inst.scores, coco=inst.coco, coco_scores=inst.coco_scores,
-                       person_bbox=inst.box, score=inst.score, lift_box=inst.lift_box,
+                       person_bbox=inst.box if inst.box is not None else inst.lift_box,
+                       score=inst.score, lift_box=inst.lift_box,
                        lift_box_what=inputs.box_what, detection_box=inst.detection_box,
                        track_box=inst.box if inst.box is not None else extent))
     ids = (tracker.update([r["track_box"] for r in rows]) if tracker is not None
