@@ -681,3 +681,20 @@ def test_shipped_two_person_example(model_dir, tmp_path):
   with open(keypoints) as f:
     assert json.load(f) == json.loads((tmp_path / "again" / "keypoints.json").read_text())
   assert len(_decoded(tmp_path / "again" / "clip.mp4")) == 24
+
+
+def test_failed_detection_is_flagged_not_a_crash(model_dir, tmp_path, capsys):
+  """The detector finds nobody (all joints at the crop's corner, which lies
+  outside a wide frame): the pose is lifted in the detection box and
+  flagged suspect, with a warning; the run does not stop."""
+  assert cv2.imwrite(str(tmp_path / "empty.png"), np.full((120, 640, 3), 90, np.uint8))
+  out = tmp_path / "out"
+  assert _run(f"--checkpoint={model_dir}", f"--image={tmp_path / 'empty.png'}",
+              "--detector=unused", "--noplot", f"--output={out}",
+              detector=RedFigureDetector()) == 0
+  got = np.load(out / "poses.npz")
+  assert got["suspect_keypoints"].tolist() == [True]
+  np.testing.assert_allclose(got["bbox"][0], [0.0, -260.0, 639.0, 379.0])
+  assert "warning: empty.png: the detected keypoints' box misses the frame" in \
+      capsys.readouterr().err
+  assert _strict_json(out / "poses.json")["instances"][0]["person_bbox"] is None

@@ -116,7 +116,8 @@ class Lifter:
     row.update(example)
     row["bbox"] = box
     row["image_size"] = np.array([w, h])
-    row["reason"] = suspect_reason(row["keypoints"], example["keypoints_2d_crop"], box, w, h)
+    row["reason"] = row.get("failed") or suspect_reason(
+        row["keypoints"], example["keypoints_2d_crop"], box, w, h)
     row["suspect"] = row["reason"] is not None
     self.pending.append(row)
 

@@ -275,14 +275,17 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging, progre
     for inst in instances:
       dets.check_keypoints(inst.keypoints, w, h, f"{name}: keypoints", joint_names)
       extent = geometry.box_from_keypoints(inst.keypoints, 1.0)
+      person_bbox = inst.box if inst.box is not None else inst.lift_box
+      failed = None
       if inst.lift_box is None and inst.detection_box is not None and not _overlaps(
           geometry.box_from_keypoints(inst.keypoints, args.keypoint_box_enlarge), w, h):
         # Detected keypoints that miss the frame (a failed detection): lift in
         # the detector's own box; the row is flagged suspect.
         inst.lift_box = inst.detection_box
+        failed = "the detected keypoints' box misses the frame (a failed detection?)"
       rows.append(dict(frame_index=i, keypoints=np.asarray(inst.keypoints, np.float64),
                        scores=inst.scores, coco=inst.coco, coco_scores=inst.coco_scores,
-                       person_bbox=inst.box if inst.box is not None else inst.lift_box,
+                       person_bbox=person_bbox, failed=failed,
                        score=inst.score, lift_box=inst.lift_box,
                        lift_box_what=inputs.box_what, detection_box=inst.detection_box,
                        track_box=inst.box if inst.box is not None else extent))
