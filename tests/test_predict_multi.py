@@ -698,3 +698,23 @@ def test_failed_detection_is_flagged_not_a_crash(model_dir, tmp_path, capsys):
   assert "warning: empty.png: the detected keypoints' box misses the frame" in \
       capsys.readouterr().err
   assert _strict_json(out / "poses.json")["instances"][0]["person_bbox"] is None
+
+
+def test_progress_rate_leaves_out_the_first_call():
+  """The rate counts the frames after the first model call (which compiles):
+  8 frames in ~0.3 s after a 1.5 s first call is ~27 frames/s, not 16 / 1.8."""
+  import io
+  import re
+  import time
+  from tqdm import tqdm
+  stream = io.StringIO()
+  progress = predict.Progress("lift 3D", 32, stream=stream)
+  time.sleep(1.5)          # the first call: compilation
+  progress.update(8)
+  time.sleep(0.3)
+  progress.update(16)
+  meter = tqdm.format_meter(**progress.bar.format_dict)
+  rate = float(re.search(r"([\d.]+) ?frames/s", meter).group(1))
+  assert 15 < rate <= 8 / 0.3 * 1.05, meter  # counting the first call: 16 / 1.8 = 8.9
+  progress.update(32)
+  assert progress.bar is None and "32/32" in stream.getvalue()
