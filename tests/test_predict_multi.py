@@ -718,3 +718,13 @@ def test_progress_rate_leaves_out_the_first_call():
   assert 15 < rate <= 8 / 0.3 * 1.05, meter  # counting the first call: 16 / 1.8 = 8.9
   progress.update(32)
   assert progress.bar is None and "32/32" in stream.getvalue()
+
+
+def test_cli_defaults_are_the_library_constants():
+  """The CLI repeats three defaults so that --help imports no heavy module."""
+  from contextpose_jax import geometry
+  from contextpose_jax.predict import cli
+  from contextpose_jax.predict import tracking
+  assert cli.KEYPOINT_BOX_ENLARGE == geometry.KEYPOINT_BOX_ENLARGE
+  assert (cli.IOU_THRESHOLD, cli.MAX_MISSES) == (tracking.IOU_THRESHOLD, tracking.MAX_MISSES)
+  assert cli.KEYPOINT_FORMATS == predict.KEYPOINT_FORMATS
