@@ -13,7 +13,6 @@ Quirks kept on purpose, because every published label and crop depends on them:
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from contextpose_jax import skeleton
@@ -94,6 +93,7 @@ def affine_matrix(center, scale, output_size=CROP_SIZE, inverse=False):
       [0.0, (out_w - 1) * -0.5], dtype=np.float32)
   src[2] = _rotate_90(src[0], src[1])
   dst[2] = _rotate_90(dst[0], dst[1])
+  import cv2  # here, not at the top: `capf-predict --help` starts without OpenCV
   if inverse:
     return cv2.getAffineTransform(dst, src)
   return cv2.getAffineTransform(src, dst)
@@ -107,6 +107,7 @@ def apply_affine(points, matrix):
 
 def crop_image(frame, center, scale, output_size=CROP_SIZE):
   """The official crop: bilinear `cv2.warpAffine`, constant 0 border."""
+  import cv2
   matrix = affine_matrix(center, scale, output_size)
   return cv2.warpAffine(frame, matrix, tuple(output_size),
                         flags=cv2.INTER_LINEAR)

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNTIME_MODULES = (
     'contextpose_jax.api', 'contextpose_jax.train', 'contextpose_jax.evaluate',
-    'contextpose_jax.predict', 'contextpose_jax.checkpoints', 'contextpose_jax.steps',
+    'contextpose_jax.predict', 'contextpose_jax.predict.pipeline', 'contextpose_jax.checkpoints', 'contextpose_jax.steps',
     'contextpose_jax.metric_writers', 'contextpose_jax.data.pipeline',
     'contextpose_jax.models.capf', 'contextpose_jax.models.hrnet', 'contextpose_jax.models.cpn',
     'contextpose_jax.models.folding', 'contextpose_jax.visualize')
