@@ -7,6 +7,7 @@ can tell which checkpoint was loaded; a converter output holds the best one.
 """
 import os
 
+import cv2
 import jax
 import ml_collections
 import numpy as np
@@ -58,3 +59,24 @@ def make_workdir(workdir: str, *, best_step=3, latest_step=5, with_best=True):
   ckpts.wait()
   ckpts.close()
   return best, latest, config
+
+
+def write_video(path, frames, fps=10.0):
+  """RGB frames -> an mp4v video (the frames' own size)."""
+  h, w = frames[0].shape[:2]
+  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps, (w, h))
+  assert writer.isOpened()
+  for f in frames:
+    writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+  writer.release()
+
+
+def decoded(path):
+  """Every frame of a video, RGB."""
+  capture = cv2.VideoCapture(str(path))
+  out = []
+  while True:
+    ok, f = capture.read()
+    if not ok:
+      return out
+    out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))

@@ -248,22 +248,8 @@ def test_real_detector_directory_end_to_end(models, tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _write_video(path, frames, fps=10.0):
-  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
-  assert writer.isOpened()
-  for f in frames:
-    writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-  writer.release()
-
-
-def _decoded(path):
-  capture = cv2.VideoCapture(str(path))
-  out = []
-  while True:
-    ok, f = capture.read()
-    if not ok:
-      return out
-    out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+_write_video = inference_fixtures.write_video
+_decoded = inference_fixtures.decoded
 
 
 def test_video_and_folder_give_the_same_poses(models, tmp_path):

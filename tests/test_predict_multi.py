@@ -69,23 +69,8 @@ def _frame(t, seed=0):
   return frame
 
 
-def _write_video(path, frames, fps=10.0):
-  h, w = frames[0].shape[:2]
-  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-  assert writer.isOpened()
-  for f in frames:
-    writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-  writer.release()
-
-
-def _decoded(path):
-  capture = cv2.VideoCapture(str(path))
-  out = []
-  while True:
-    ok, f = capture.read()
-    if not ok:
-      return out
-    out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+_write_video = inference_fixtures.write_video
+_decoded = inference_fixtures.decoded
 
 
 def _xywh(box):

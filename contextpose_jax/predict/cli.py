@@ -6,7 +6,6 @@ matplotlib are imported; the run (``pipeline``) imports them.
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -17,6 +16,7 @@ from absl import flags
 from contextpose_jax import cli
 from contextpose_jax import host_devices
 from contextpose_jax import host_memory
+from contextpose_jax import paths
 from contextpose_jax.predict.errors import InputError
 
 KEYPOINT_FORMATS = ("h36m", "coco", "3dhp")
@@ -110,13 +110,6 @@ with a CA-PF model (docs/inference.md).
 """
 
 
-def expand_path(path: str | None) -> str | None:
-  """``~`` and ``$VARS`` expanded (a shell leaves ``--flag=~/x`` alone)."""
-  if path is None:
-    return None
-  return os.path.expandvars(os.path.expanduser(path))
-
-
 def parse_flags(argv: Sequence[str]):
   """argv (without the program name) -> an options namespace; InputError on misuse."""
   # argparse spelled negated booleans --no-NAME; absl spells them --noNAME.
@@ -130,9 +123,9 @@ def parse_flags(argv: Sequence[str]):
       raise InputError(f"--{name} is required (see --help)")
   args = cli.values(_FLAGS)
   for name in PATH_FLAGS:
-    setattr(args, name, expand_path(getattr(args, name)))
+    setattr(args, name, paths.expand(getattr(args, name)))
   if args.compilation_cache not in ("default", "off"):
-    args.compilation_cache = expand_path(args.compilation_cache)
+    args.compilation_cache = paths.expand(args.compilation_cache)
   return args
 
 
