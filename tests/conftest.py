@@ -17,15 +17,20 @@ _CACHE = tempfile.mkdtemp(prefix='capf-test-xla-cache-')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
 os.environ['CONTEXTPOSE_JAX_CACHE'] = _CACHE
 
-# Longest first (`--durations`, 2 cores); the rest keep their order.
+# Most CPU first (measured 2026-12-06, 2 cores); the rest keep their order.
 SLOWEST_FIRST = (
-    'test_faults_train.py',
-    'test_train_e2e.py',
     'test_conversion.py',
+    'test_train_e2e.py',
+    'test_faults_train.py',
     'test_train.py',
-    'test_inference_inputs.py',
-    'test_aot.py',
     'test_multihost.py',
+    'test_aot.py',
+    'test_predict_multi.py',
+    'test_benchmark.py',
+    'test_inference_inputs.py',
+    'test_precision.py',
+    'test_lifter.py',
+    'test_compiler_options.py',
 )
 
 
