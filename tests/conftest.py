@@ -1,11 +1,11 @@
 """Suite-wide settings.
 
 - One persistent compilation cache per test process (each `-n 2` worker has
-  its own), in a temporary folder: the suite never reads or fills the user's
-  `~/.cache`, and a program that several tests compile (the tiny CA-PF's
-  steps, in-process and in the `capf-*` / `main.py` subprocesses) compiles
-  once. Set before any test module imports jax, which reads it at import.
-  Tests of the cache itself set their own environment.
+  its own), in a temporary folder, for the `capf-*` / `main.py` subprocesses
+  the tests start: the suite never reads or fills the user's `~/.cache`, and
+  a program that several of those runs compile (the tiny CA-PF's steps)
+  compiles once per worker. The test processes themselves imported jax
+  already (../conftest.py) and compile without a persistent cache.
 - The slowest modules are collected first: with `--dist loadfile` a worker
   takes a whole module, and the long ones must not start last.
 """
