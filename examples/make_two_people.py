@@ -32,12 +32,12 @@ from data_prep import synthetic  # pylint: disable=g-import-not-at-top,wrong-imp
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "two_people")
 SEED, SPLIT, CAMERA = 0, "examples", 1
-VIDEOS = (3, 7)          # the two people's synthetic motions
+VIDEOS = (3, 7, 11)      # the people's synthetic motions (the example: the first two)
 NUM_FRAMES = 24
 FPS = 10.0
 DOWNSCALE = 4
 # Root x (mm) at the first and last frame, and depth (mm), of each person.
-PATHS = (((-1400.0, 1400.0), 5200.0), ((1500.0, -1500.0), 6000.0))
+PATHS = (((-1400.0, 1400.0), 5200.0), ((1500.0, -1500.0), 6000.0), ((-600.0, 900.0), 7000.0))
 
 
 def coco_from_h36m(h36m):
@@ -78,28 +78,29 @@ def paste_person(frame, background, pose_mm, rng):
   return geometry.weak_project(pose_mm, fx, fy, cx, cy) / DOWNSCALE
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--output", default=HERE, help="folder for clip.mp4 and keypoints.json")
-  args = parser.parse_args(argv)
+def make_clip(output: str, people: int = 2, num_frames: int = NUM_FRAMES) -> None:
+  """Writes ``output/clip.mp4`` and ``output/keypoints.json`` (1 to 3 people;
+  the defaults make the shipped example)."""
+  if not 1 <= people <= len(VIDEOS):
+    raise ValueError(f"people={people}: 1 to {len(VIDEOS)}")
   w, h = synthetic.CAMERAS[CAMERA][1]
   background = synthetic._background(  # pylint: disable=protected-access
       np.random.default_rng([SEED, zlib.crc32(SPLIT.encode()), 0]), w, h)
   motions = []
-  for video, ((x0, x1), depth) in zip(VIDEOS, PATHS):
+  for video, ((x0, x1), depth) in zip(VIDEOS[:people], PATHS[:people]):
     poses = synthetic.video_poses(SEED, SPLIT, video, synthetic.VALIDATION_SUBJECTS[0],
-                                  CAMERA, NUM_FRAMES)
+                                  CAMERA, num_frames)
     poses = poses - poses[:, :1] + [0.0, 0.0, depth]   # root-relative, then placed
     poses[..., 1] += 250.0  # feet near the floor of the view
-    for t in range(NUM_FRAMES):
-      poses[t, :, 0] += x0 + (x1 - x0) * t / (NUM_FRAMES - 1)
+    for t in range(num_frames):
+      poses[t, :, 0] += x0 + (x1 - x0) * t / (num_frames - 1)
     motions.append(poses)
-  os.makedirs(args.output, exist_ok=True)
+  os.makedirs(output, exist_ok=True)
   size = (w // DOWNSCALE, h // DOWNSCALE)
-  writer = cv2.VideoWriter(os.path.join(args.output, "clip.mp4"),
+  writer = cv2.VideoWriter(os.path.join(output, "clip.mp4"),
                            cv2.VideoWriter_fourcc(*"mp4v"), FPS, size)
   results = []
-  for t in range(NUM_FRAMES):
+  for t in range(num_frames):
     frame = cv2.resize(background, size, interpolation=cv2.INTER_AREA)
     # The farther person first: the nearer one is drawn over it.
     order = sorted(range(len(motions)), key=lambda k: -motions[k][t, 0, 2])
@@ -114,10 +115,19 @@ def main(argv=None):
           "bbox": np.round([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], 2).tolist()})
     writer.write(frame)
   writer.release()
-  with open(os.path.join(args.output, "keypoints.json"), "w") as f:
+  with open(os.path.join(output, "keypoints.json"), "w") as f:
     json.dump(results, f)
     f.write("\n")
-  print(f"wrote {NUM_FRAMES} frames to {args.output}/clip.mp4 and {args.output}/keypoints.json")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--output", default=HERE, help="folder for clip.mp4 and keypoints.json")
+  parser.add_argument("--people", type=int, default=2, help="1 to 3 (the example: 2)")
+  parser.add_argument("--frames", type=int, default=NUM_FRAMES, help="clip length")
+  args = parser.parse_args(argv)
+  make_clip(args.output, args.people, args.frames)
+  print(f"wrote {args.frames} frames to {args.output}/clip.mp4 and {args.output}/keypoints.json")
 
 
 if __name__ == "__main__":
