@@ -10,6 +10,7 @@ from __future__ import annotations
 from matplotlib.animation import PillowWriter
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 from contextpose_jax import skeleton
@@ -102,12 +103,16 @@ def _axes_3d_frame(ax3, radius, elev, azim, *, centre=(0.0, 0.0, 0.0), fontsize=
   ax3.set_xlabel("x (m)", fontsize=fontsize)
   ax3.set_ylabel("z (m)", fontsize=fontsize)
   ax3.set_zlabel("-y (m)", fontsize=fontsize)
-  ax3.tick_params(labelsize=fontsize - 2)
+  ax3.tick_params(labelsize=fontsize - 2, pad=0)
+  # At most 4 ticks an axis: matplotlib's default 7-9 overprint each other on
+  # a small figure (the GIF).
+  for axis in (ax3.xaxis, ax3.yaxis, ax3.zaxis):
+    axis.set_major_locator(MaxNLocator(4))
 
 
 def animate_poses(path: str, poses_3d, *, dataset: str = "h36m", fps: float = 10.0,
                   elev: float = 15.0, azim: float = -70.0, titles=None,
-                  size_inches: float = 3.2, dpi: int = 80) -> None:
+                  size_inches: float = 4.8, dpi: int = 100) -> None:
   """Writes an animated GIF of the 3D skeleton over frames (matplotlib's PillowWriter).
 
   ``poses_3d`` (N, 17, 3) root-relative (metres, camera axes). The axes are
@@ -129,7 +134,7 @@ def animate_poses(path: str, poses_3d, *, dataset: str = "h36m", fps: float = 10
   with writer.saving(fig, path, dpi):
     for i, frame in enumerate(xyz):
       ax3.cla()
-      _axes_3d_frame(ax3, radius, elev, azim)
+      _axes_3d_frame(ax3, radius, elev, azim, fontsize=9)
       for parent, child, color in skeleton_bones:
         seg = frame[[parent, child]]
         ax3.plot(seg[:, 0], seg[:, 1], seg[:, 2], color=color, linewidth=2.0)
