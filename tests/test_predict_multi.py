@@ -507,6 +507,41 @@ def test_image_picks_its_set_and_paths_expand(model_dir, tmp_path, monkeypatch):
   np.testing.assert_array_equal(raw, np.round(got["keypoints_3d_raw"][0].astype(np.float64), 4))
 
 
+def test_frames_keyed_by_the_path_as_given(model_dir, tmp_path, capsys):
+  """Two cameras' x.png (one keypoints file naming camA/x.png and camB/x.png)
+  stay two frames: poses.npz, poses.json and the PNGs keep them apart; a
+  file naming one frame twice is one line."""
+  root = tmp_path / "cams"
+  names = ["camA/x.png", "camB/x.png"]
+  kps = []
+  for t, name in enumerate(names):
+    (root / os.path.dirname(name)).mkdir(parents=True)
+    assert cv2.imwrite(str(root / name), cv2.cvtColor(_frame(3 * t), cv2.COLOR_RGB2BGR))
+    kps.append(skeleton.coco_to_h36m(_people(3 * t)[0][0]))
+  (tmp_path / "kp.json").write_text(json.dumps({"frames": names,
+                                                "keypoints": np.stack(kps).tolist()}))
+  out = tmp_path / "out"
+  assert _run(f"--checkpoint={model_dir}", f"--images={root}", f"--keypoints={tmp_path / 'kp.json'}",
+              f"--output={out}") == 0
+  got = np.load(out / "poses.npz")
+  assert list(got["frames"]) == names
+  np.testing.assert_allclose(got["keypoints_2d_px"], np.stack(kps), atol=1e-4)
+  record = _strict_json(out / "poses.json")
+  assert [r["frame"] for r in record["instances"]] == names
+  assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["camA__x.png",
+                                                                       "camB__x.png"]
+
+  # camA/./x.png is camA/x.png.
+  (tmp_path / "twice.json").write_text(json.dumps({"frames": [names[0], "camA/./x.png"],
+                                                   "keypoints": np.stack(kps).tolist()}))
+  capsys.readouterr()
+  assert _run(f"--checkpoint={model_dir}", f"--images={root}",
+              f"--keypoints={tmp_path / 'twice.json'}", f"--output={tmp_path / 'o2'}") == 1
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: {tmp_path / 'twice.json'}: frame 'camA/x.png' is named more than once"]
+  assert not (tmp_path / "o2").exists()
+
+
 def test_help_and_argument_errors_import_no_heavy_module():
   script = textwrap.dedent("""
       import sys

@@ -265,13 +265,17 @@ def key_frames(results: dict, path: str, names, *, video: bool, source: str) -> 
   """
   lookup = {}
   if not video:
+    # The name as given, else its file name or stem where only one frame has it.
+    bases: dict = {}
     stems: dict = {}
     for i, name in enumerate(names):
       lookup[name] = i
-      stems.setdefault(os.path.splitext(name)[0], []).append(i)
-    for stem, idx in stems.items():
-      if len(idx) == 1:
-        lookup.setdefault(stem, idx[0])
+      bases.setdefault(os.path.basename(name), []).append(i)
+      stems.setdefault(os.path.splitext(os.path.basename(name))[0], []).append(i)
+    for table in (bases, stems):
+      for key, idx in table.items():
+        if len(idx) == 1:
+          lookup.setdefault(key, idx[0])
   out = {}
   for image_id, instances in results.items():
     if video:
@@ -281,7 +285,9 @@ def key_frames(results: dict, path: str, names, *, video: bool, source: str) -> 
         raise InputError(f"{path}: image_id {image_id!r} is not a frame of {source} "
                          f"(frames 0 to {len(names) - 1})")
     else:
-      index = lookup.get(str(image_id), lookup.get(os.path.basename(str(image_id))))
+      given = os.path.normpath(str(image_id))
+      index = next((lookup[k] for k in (str(image_id), given, os.path.basename(given))
+                    if k in lookup), None)
       if index is None:
         raise InputError(f"{path}: image_id {image_id!r} names no frame of {source}")
     out.setdefault(index, []).extend(instances)

@@ -161,7 +161,15 @@ def _frames_of(args, keypoints, frame_names, kp_path) -> sources.Frames:
                      f"({'a file' if os.path.exists(folder) else 'no such folder'}); "
                      "use --image for one image")
   paths = sources.list_frames(folder or args.image, keypoints, frame_names, kp_path)
-  return sources.Frames(names=[os.path.basename(p) for p in paths], paths=paths)
+  # Outputs are keyed by the frame as the keypoints file names it (camA/x.jpg
+  # and camB/x.jpg stay apart), else by the image's file name.
+  names = ([os.path.normpath(str(f)) for f in frame_names]
+           if frame_names is not None and len(frame_names) == len(paths)
+           else [os.path.basename(p) for p in paths])
+  if len(set(names)) != len(names):
+    twice = sorted({n for n in names if names.count(n) > 1})
+    raise InputError(f"{kp_path}: frame {twice[0]!r} is named more than once")
+  return sources.Frames(names=names, paths=paths)
 
 
 def _check_detector(args, detector):

@@ -188,9 +188,9 @@ def list_frames(image_arg: str, keypoints, frames, kp_path: str | None) -> list[
   if os.path.isdir(image_arg):
     if frames is not None:
       paths = [os.path.join(image_arg, f) for f in frames]
-      for p in paths:
+      for f, p in zip(frames, paths):
         if not os.path.isfile(p):
-          raise InputError(f"{kp_path}: frame {os.path.basename(p)!r} is not in {image_arg}")
+          raise InputError(f"{kp_path}: frame {f!r} is not in {image_arg}")
       return paths
     names = sorted(f for f in os.listdir(image_arg)
                    if f.lower().endswith(IMAGE_EXTENSIONS)

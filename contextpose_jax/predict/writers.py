@@ -279,7 +279,15 @@ class RowWriter:
 
 
 def unique_stems(names):
-  stems = [os.path.splitext(n)[0] for n in names]
+  """A file stem per frame name, unique, inside the output folder: the
+  folders of a name given as a path are joined with '__' (`camA/x.jpg` ->
+  `camA__x`, `../f/x.jpg` -> `up__f__x`)."""
+  def flat(name):
+    parts = os.path.normpath(name).split(os.sep)
+    return "__".join("up" if p == ".." else p for p in parts if p not in ("", "."))
+  stems = [os.path.splitext(flat(n))[0] for n in names]
   if len(set(stems)) != len(stems):  # a.jpg and a.png in one folder
-    stems = [n.replace(".", "_") for n in names]
+    stems = [flat(n).replace(".", "_") for n in names]
+  if len(set(stems)) != len(stems):
+    stems = [f"{i:06d}_{stem}" for i, stem in enumerate(stems)]
   return stems
