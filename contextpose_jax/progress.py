@@ -153,21 +153,24 @@ class ConsoleHandler(logging.Handler):
 
 
 class WorkdirLog(logging.Handler):
-  """Every record, in absl's format, appended to DIRECTORY/NAME once the
-  directory exists (see the module docstring)."""
+  """Every record, in absl's format, appended to DIRECTORY/NAME once the run
+  is accepted (`start_workdir_logs`) and the directory exists (see the module
+  docstring). Until then records are held: a refused run (a config mistake,
+  another model on a resumed workdir) writes nothing into the workdir."""
 
   def __init__(self, directory: str, name: str = 'train.log'):
     super().__init__()
     self.directory, self.path = directory, os.path.join(directory, name)
     self._held: list[str] = []
     self._file = None
+    self.started = False
     self.setFormatter(absl_logging.PythonFormatter())
 
   def emit(self, record: logging.LogRecord) -> None:
     try:
       line = self.format(record) + '\n'
       if self._file is None:
-        if not os.path.isdir(self.directory):
+        if not (self.started and os.path.isdir(self.directory)):
           self._held.append(line)
           return
         self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
@@ -183,3 +186,11 @@ class WorkdirLog(logging.Handler):
       self._file.close()
       self._file = None
     super().close()
+
+
+def start_workdir_logs() -> None:
+  """The run is accepted: the `WorkdirLog`s of the root logger write from
+  now on (their held records first, once the workdir exists)."""
+  for handler in logging.getLogger().handlers:
+    if isinstance(handler, WorkdirLog):
+      handler.started = True

@@ -264,10 +264,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_validation.validate(config, jax.device_count(), workdir)
   with workdir_lock(workdir, 'evaluation' if config.eval_only else 'training'):
     if config.eval_only:
+      console.start_workdir_logs()
       return evaluate.evaluate_only(config, workdir)
     # Before anything is written: a workdir's config.json records the model
     # of its checkpoints, and is never replaced by another model's.
     changes = config_validation.check_resume(config, workdir)
+    console.start_workdir_logs()
     if changes:
       logging.info('Resuming %s with changed settings: %s', workdir, ', '.join(changes))
     return _train_and_evaluate(config, workdir)

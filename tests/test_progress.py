@@ -101,17 +101,24 @@ def test_console_lines_are_plain():
   assert re.fullmatch(r'WARNING \d\d:\d\d:\d\d careful', lines[1]), lines
 
 
-def test_workdir_log_keeps_everything_once_the_workdir_exists(tmp_path):
+def test_workdir_log_keeps_everything_once_the_run_is_accepted(tmp_path):
   workdir = tmp_path / 'run'
   handler = progress.WorkdirLog(str(workdir))
   handler.emit(_record(logging.INFO, 'before the workdir'))
   assert not workdir.exists()  # nothing created for a run refused early
   workdir.mkdir()
+  handler.emit(_record(logging.INFO, 'checks'))
+  assert os.listdir(workdir) == []  # an existing workdir: nothing until accepted
+  logging.getLogger().addHandler(handler)
+  try:
+    progress.start_workdir_logs()
+  finally:
+    logging.getLogger().removeHandler(handler)
   handler.emit(_record(logging.INFO, 'after'))
   handler.close()
   lines = (workdir / 'train.log').read_text().splitlines()
   # absl's format: level, date, time, thread id, file:line.
-  assert [l.split('] ', 1)[1] for l in lines] == ['before the workdir', 'after']
+  assert [l.split('] ', 1)[1] for l in lines] == ['before the workdir', 'checks', 'after']
   assert all(re.match(r'I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ test_progress\.py:1\]', l)
              for l in lines), lines
   assert os.path.getsize(workdir / 'train.log') > 0
