@@ -32,6 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _coco_detector(directory: str) -> str:
   """A full-size HRNet-W32 COCO backbone (heatmap head), random weights."""
+  from contextpose_jax import host_devices  # pylint: disable=import-outside-toplevel
+  host_devices.skip_absent_backends()  # no libtpu start-up lines on a CPU host
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from contextpose_jax import compiler_options  # pylint: disable=import-outside-toplevel
