@@ -22,11 +22,31 @@ def detector_backbone(detector) -> str:
 
 
 class Detector2D:
-  """Batches crops for ``detector.detect_2d``; fills each instance's 2D."""
+  """Batches crops for ``detector.detect_2d``; fills each instance's 2D.
+
+  ``add`` queues instances across frames and ``flush`` detects whole batches
+  only, so that several people per frame never make a padded partial batch
+  per frame group; ``done`` counts the instances detected so far, in the
+  order they were queued.
+  """
 
   def __init__(self, detector, *, batch_size: int, pad: bool, path: str = "--detector"):
     self.detector, self.batch_size, self.pad, self.path = detector, batch_size, pad, path
     self.backbone = detector_backbone(detector)
+    self.queue, self.queued, self.done = [], 0, 0
+
+  def add(self, instance, image) -> int:
+    """Queues one instance; returns its number (1-based) in queue order."""
+    self.queue.append((instance, image))
+    self.queued += 1
+    return self.queued
+
+  def flush(self, final: bool = False) -> None:
+    """Detects every whole batch queued (and the rest when ``final``)."""
+    while len(self.queue) >= self.batch_size or (final and self.queue):
+      chunk, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
+      self.detect(chunk)
+      self.done += len(chunk)
 
   def detect(self, items) -> None:
     """``items``: (instance, image) pairs; each instance's ``detection_box`` is

@@ -326,14 +326,15 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging, progre
           inst.detection_box = dets.detection_crop_box(inst.box)
     return instances
 
-  pending, pending_count = [], 0
+  # Frames waiting for their 2D, in order, each with the queue number of its
+  # last instance: a frame goes on once the detector has done that many.
+  pending = []
 
-  def detect_pending():
-    items = [(inst, item[2]) for item, instances in pending for inst in instances]
-    detect.detect(items)
-    for item, instances in pending:
+  def forward_detected(final=False):
+    detect.flush(final)
+    while pending and pending[0][2] <= detect.done:
+      item, instances, _ = pending.pop(0)
       forward(item, instances)
-    pending.clear()
 
   for item in frames.stream(ahead=2 * args.batch_size):
     instances = prepare(item)
@@ -343,13 +344,13 @@ def _predict(args, frames, inputs, dataset, predictor, detector, staging, progre
       found = _detect_propagated(detect, item, instances[0], state, args.restart_score)
       forward(item, instances if found else [])
     else:
-      pending.append((item, instances))
-      pending_count += len(instances)
-      if pending_count >= args.batch_size:
-        detect_pending()
-        pending_count = 0
+      last = detect.queued
+      for inst in instances:
+        last = detect.add(inst, item[2])
+      pending.append((item, instances, last))
+      forward_detected()
   if pending:
-    detect_pending()
+    forward_detected(final=True)
   smoother.finish()
   release(smoother.ready())
   write(lifter.flush(final=True))
