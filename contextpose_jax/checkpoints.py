@@ -451,17 +451,37 @@ def load_eval_variables(init_from: str):
 
 
 def load_backbone(variables, directory: str):
-  """Replaces the backbone variables with those of a converter output dir."""
+  """Replaces the backbone variables with those of a converter output dir.
+
+  A COCO conversion (`capf-convert --kind=hrnet_32|hrnet_48|cpn`, the usual
+  `backbone_init`) also holds the 2D detector's heatmap head; CA-PF's
+  backbone has none, so the head is left out. Anything else that differs
+  from the model's backbone is an error.
+  """
   loaded, _ = capf.load_variables(directory)
   out = {k: dict(flax.core.unfreeze(v)) for k, v in variables.items()}
   for collection in ('params', 'batch_stats'):
     if collection in out and 'backbone' in out[collection]:
       if 'backbone' not in loaded.get(collection, {}):
         raise ValueError(f'{directory}: no {collection}/backbone entry')
-      check_same_structure(out[collection]['backbone'], loaded[collection]['backbone'],
+      got = loaded[collection]['backbone']
+      if not _has_heatmap_head(out[collection]['backbone']):
+        got = _without_heatmap_head(got)
+      check_same_structure(out[collection]['backbone'], got,
                             f'{directory}: {collection}/backbone')
-      out[collection]['backbone'] = loaded[collection]['backbone']
+      out[collection]['backbone'] = got
   return out
+
+
+def _has_heatmap_head(tree) -> bool:
+  return any(capf.is_heatmap_head(path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _without_heatmap_head(tree):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+  return flax.traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if not capf.is_heatmap_head(k)})
 
 
 def check_same_structure(expected, got, what: str):

@@ -8,21 +8,27 @@
   loaded as a model directory (float64 and the float32 user path);
 - ``Predictor.detect_2d`` on a heatmap with a known peak gives the
   hand-computed crop pixel, and on the network equals the torch decoding of
-  the torch heatmaps.
+  the torch heatmaps;
+- a COCO conversion used as training's ``backbone_init`` loads into CA-PF's
+  head-less backbone (the head left out, everything else strict).
 """
 import copy
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from contextpose_jax import checkpoints
 from contextpose_jax import geometry
+from contextpose_jax import steps
 from contextpose_jax.api import Predictor
 from contextpose_jax.models import capf
 from contextpose_jax.models import cpn
 from contextpose_jax.models import heatmaps
+import inference_fixtures
 from torch_reference import capf as ref_capf
 from torch_reference import common
 from torch_reference import cpn as ref_cpn
@@ -302,3 +308,54 @@ def test_model_without_head_is_one_clear_error(small_cpn, tmp_path):
       call(_images(0, 1))
   with pytest.raises(ValueError, match=r"images: expected \(B, 256, 192, 3\)"):
     Predictor.load(str(small_cpn[1])).heatmaps(np.zeros((1, 64, 48, 3), np.float32))
+
+
+# ---------------------------------------------------------------- backbone_init
+
+def _headless_model_variables(backbone, backbone_kwargs, seed):
+  config = capf.default_model_config(backbone)
+  config.backbone_kwargs = dict(backbone_kwargs)
+  config.embed_dim, config.depth = 16, 1
+  return steps.init_variables(capf.build_model(config), seed)
+
+
+def _assert_backbone_from(got, coco_dir, headless, head_collections):
+  """`got`'s backbone is the COCO directory's without its head, leaf for leaf."""
+  coco, _ = capf.load_variables(str(coco_dir))
+  for collection in ("params", "batch_stats"):
+    want = flax.traverse_util.flatten_dict(coco[collection]["backbone"])
+    head = {k for k in want if capf.is_heatmap_head(k)}
+    assert bool(head) == (collection in head_collections), (collection, head)
+    body = flax.traverse_util.flatten_dict(got[collection]["backbone"])
+    expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(headless[collection]["backbone"]))
+    assert set(body) == set(expected) == set(want) - head
+    for k in body:
+      np.testing.assert_array_equal(body[k], want[k], err_msg="/".join(k))
+
+
+def test_coco_conversion_as_backbone_init_leaves_its_head_out(small_cpn, tmp_path):
+  """`--config.backbone_init=ckpt/hrnet_w32_coco` (docs/training.md): a COCO
+  conversion holds the heatmap head, which CA-PF's backbone has not."""
+  # CPN: head params and BatchNorm statistics (final_predict_{0,1,2}).
+  headless = _headless_model_variables("cpn", SMALL_CPN, seed=1)
+  got = checkpoints.load_backbone(headless, str(small_cpn[1]))
+  _assert_backbone_from(got, small_cpn[1], headless, ("params", "batch_stats"))
+  for g, h in zip(jax.tree_util.tree_leaves(got["params"]["lifter"]),  # lifter untouched
+                  jax.tree_util.tree_leaves(headless["params"]["lifter"]), strict=True):
+    np.testing.assert_array_equal(g, h)
+
+  # HRNet: `final_layer` (params only), a COCO directory as the converter writes it.
+  config = capf.default_model_config("hrnet_32")
+  config.backbone_kwargs = dict(inference_fixtures.SMALL_HRNET, heatmap_head=True)
+  with_head = steps.init_variables(capf.build_model(config), 0)
+  coco_dir = tmp_path / "hrnet_coco"
+  capf.save_variables(str(coco_dir), {c: {"backbone": t["backbone"]}
+                                      for c, t in with_head.items()}, config)
+  headless = _headless_model_variables("hrnet_32", inference_fixtures.SMALL_HRNET, seed=2)
+  _assert_backbone_from(checkpoints.load_backbone(headless, str(coco_dir)), coco_dir, headless,
+                        ("params",))
+
+  # Any other difference is still one error naming the directory.
+  wider = _headless_model_variables("hrnet_32", dict(inference_fixtures.SMALL_HRNET, width=8), 3)
+  with pytest.raises(ValueError, match=r"hrnet_coco: params/backbone: .* has shape"):
+    checkpoints.load_backbone(wider, str(coco_dir))

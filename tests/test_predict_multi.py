@@ -721,6 +721,32 @@ def test_failed_detection_is_flagged_not_a_crash(model_dir, tmp_path, capsys):
   assert _strict_json(out / "poses.json")["instances"][0]["person_bbox"] is None
 
 
+def test_propagated_box_does_not_grow_without_bound():
+  """A failed detection spread over its whole crop (a detector that sees
+  nobody) must not grow the propagated box 1.5x a frame until the lifter's
+  crop is refused as 'over 10 times the size of the image' (seen with a
+  random-weight detector): past 2 frame sides it restarts from the start box."""
+  from contextpose_jax.predict import tracking  # pylint: disable=g-import-not-at-top
+  w, h = 250, 250
+  box = np.array([0.0, 0.0, 250.0, 250.0])   # the whole frame, the start box
+  sides = []
+  for _ in range(10):
+    # Keypoints at the corners of the current box, scores high: "found".
+    corners = np.array([[box[0], box[1]], [box[2], box[3]]] * 8 + [[box[0], box[3]]])
+    nxt = tracking.propagated_box(corners, np.full(17, 0.9), w, h, min_score=0.3)
+    if nxt is None:
+      break
+    np.testing.assert_allclose(nxt[2] - nxt[0], 1.5 * (box[2] - box[0]))
+    box = nxt
+    sides.append(box[2] - box[0])
+  # 250 -> 375 -> 562.5, over 2 x 250: back to the start box.
+  assert sides == [375.0]
+  assert nxt is None
+  # A box of twice the frame side is still followed.
+  kp = np.array([[0.0, 0.0], [500.0 / 1.5, 500.0 / 1.5]] * 8 + [[0.0, 0.0]])
+  assert tracking.propagated_box(kp, np.full(17, 0.9), w, h, 0.3) is not None
+
+
 def test_progress_rate_leaves_out_the_first_call():
   """The rate counts the frames after the first model call (which compiles):
   8 frames in ~0.3 s after a 1.5 s first call is ~27 frames/s, not 16 / 1.8."""

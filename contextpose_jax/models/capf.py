@@ -39,6 +39,18 @@ HEATMAP_HEAD_MISSING = (
 VARIABLES_DIR = "variables"
 
 
+# The COCO heatmap heads' module names: HRNet's `final_layer`, CPN's RefineNet
+# `final_predict_{0,1,2}`. A COCO conversion's backbone has them; CA-PF's not.
+HEATMAP_HEAD_MODULES = ("final_layer", "final_predict_")
+
+
+def is_heatmap_head(path) -> bool:
+  """Whether a variable path (names or jax key entries) lies in a heatmap head."""
+  names = [str(getattr(k, "key", k)) for k in path]
+  return any(n == HEATMAP_HEAD_MODULES[0] or n.startswith(HEATMAP_HEAD_MODULES[1])
+             for n in names)
+
+
 class CAPF(nn.Module):
   """Images + 2D pose -> root-relative 3D pose (B, 1, 17, 3), metres.
 

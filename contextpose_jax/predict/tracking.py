@@ -25,6 +25,9 @@ MAX_MISSES = 10
 # The propagated box: the keypoints' extent, enlarged (more than the
 # lifter's 1.25: the person moves between frames).
 PROPAGATE_ENLARGE = 1.5
+# A propagated box wider than this many frame sides holds no person (a failed
+# detection spread over its crop would otherwise grow it 1.5x every frame).
+PROPAGATE_MAX_SIDE = 2.0
 
 
 def smooth_keypoints(keypoints, window: int) -> np.ndarray:
@@ -173,13 +176,16 @@ def propagated_box(coco_keypoints, scores, width: int, height: int,
                    min_score: float) -> np.ndarray | None:
   """The next frame's detection box from this frame's COCO keypoints (frame
   pixels): their extent enlarged by ``PROPAGATE_ENLARGE``, made square; None
-  when the scores collapse (mean under ``min_score``) or the box leaves the
-  frame, so the caller starts again from its first box."""
+  when the scores collapse (mean under ``min_score``), the box leaves the
+  frame or grows past ``PROPAGATE_MAX_SIDE`` frame sides, so the caller starts
+  again from its first box."""
   scores = np.asarray(scores, np.float64)
   if not np.isfinite(scores).all() or scores.mean() < min_score:
     return None
   box = geometry.box_from_keypoints(np.asarray(coco_keypoints, np.float64), PROPAGATE_ENLARGE)
   x0, y0, x1, y1 = box
   if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height or x1 - x0 < 8:
+    return None
+  if x1 - x0 > PROPAGATE_MAX_SIDE * max(width, height):
     return None
   return box
