@@ -41,18 +41,17 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 # Most CPU first (measured 2026-12-06, 2 cores); the rest keep their order.
 SLOWEST_FIRST = (
-    'test_conversion.py',
     'test_train_e2e.py',
     'test_faults_train.py',
-    'test_train.py',
+    'test_conversion.py',
     'test_multihost.py',
     'test_aot.py',
     'test_predict_multi.py',
     'test_benchmark.py',
     'test_inference_inputs.py',
+    'test_train.py',
     'test_precision.py',
     'test_lifter.py',
-    'test_compiler_options.py',
 )
 
 
