@@ -26,7 +26,9 @@ _SCRIPT = textwrap.dedent('''
 
 def _run(env_cache, home):
   env = dict(os.environ, HOME=str(home), JAX_PLATFORMS='cpu')
-  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  # JAX's defaults, as a user has them (the suite's run cache sets these).
+  for name in ('JAX_COMPILATION_CACHE_DIR', 'JAX_COMPILATION_CACHE_MAX_SIZE'):
+    env.pop(name, None)
   if env_cache is None:
     env.pop('CONTEXTPOSE_JAX_CACHE', None)
   else:

@@ -86,17 +86,16 @@ def test_predictor_convolutions_leave_ynnpack():
   model, variables, cfg = _model()
   predictor = Predictor(model, variables, cfg)
   images, kp2d, crop = _inputs()
-  ours = predictor._predict_fn.lower(predictor._device_variables, images, kp2d,
-                                     crop).compile().as_text()
-  in_ynn, outside = _convolutions(ours)
+  # The program Predictor.predict runs, compiled once: inspected, then run.
+  ours = predictor._predict_fn.lower(predictor._device_variables, images, kp2d, crop).compile()
+  in_ynn, outside = _convolutions(ours.as_text())
   assert in_ynn == 0 and outside > 10, (in_ynn, outside)
   # The option is what moves them: XLA's default puts them in YNNPACK fusions.
   default = jax.jit(lambda v, *a: model.apply(v, *a)).lower(
       variables, images, kp2d, crop).compile().as_text()
   assert _convolutions(default)[0] > 0
   # Same numbers either way (up to float rounding).
-  np.testing.assert_allclose(predictor._predict_fn(predictor._device_variables, images, kp2d,
-                                                  crop),
+  np.testing.assert_allclose(ours(predictor._device_variables, images, kp2d, crop),
                              np.asarray(model.apply(variables, images, kp2d, crop)),
                              rtol=1e-4, atol=1e-4)
 
@@ -117,9 +116,11 @@ def test_train_and_predict_steps_carry_the_options():
   assert _convolutions(hlo)[0] == 0 and _convolutions(hlo)[1] > 10
   predict_step = steps.make_predict_step(model, mesh, "h36m", flip_test=False)
   batch = {k: v for k, v in batch.items() if k != "keypoints_3d"}
-  hlo = predict_step.lower(variables, parallel.global_batch(batch, mesh)).compile().as_text()
+  compiled = predict_step.lower(variables, parallel.global_batch(batch, mesh)).compile()
+  hlo = compiled.as_text()
   assert _convolutions(hlo)[0] == 0 and _convolutions(hlo)[1] > 10
-  # Same numbers as the unfolded model under XLA's default options.
-  np.testing.assert_allclose(predict_step(variables, parallel.global_batch(batch, mesh)),
+  # Same numbers as the unfolded model under XLA's default options (the
+  # program inspected above, run).
+  np.testing.assert_allclose(compiled(variables, parallel.global_batch(batch, mesh)),
                              np.asarray(model.apply(variables, images, kp2d, crop))[:, 0],
                              rtol=1e-4, atol=1e-4)

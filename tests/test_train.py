@@ -49,15 +49,24 @@ def _batch(n, seed=0, size=64):
   }
 
 
-def _setup(config, mesh):
+def _init_variables(config):
   model = capf.build_model(config.model)
-  tx = steps.make_optimizer(config)
   images = jnp.zeros((1, 64, 64, 3))
   kp = jnp.zeros((1, 17, 2))
   variables = compiler_options.jit(model.init, run_once=True)(
       jax.random.PRNGKey(0), images, kp, kp)
   if config.model.train_backbone:  # from scratch, as train_and_evaluate does
     variables = steps.he_init_backbone(variables, 0)
+  return variables
+
+
+def _setup(config, mesh, variables=None):
+  """The model, optimizer, replicated train state and train step on `mesh`
+  (`variables`: initialized here when not given)."""
+  model = capf.build_model(config.model)
+  tx = steps.make_optimizer(config)
+  if variables is None:
+    variables = _init_variables(config)
   state = steps.create_train_state(config, model, variables, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   step = steps.make_train_step(model, tx, steps.learning_rate_fn(config, 2), mesh,
@@ -175,9 +184,11 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     out = {{}}
     import time
     batches = [t._batch(8, seed=s) for s in (1, 2)]
+    # One initialization (one compilation), placed on each mesh in turn.
+    variables = jax.device_get(t._init_variables(config))
     for name, devices in (('one', jax.devices()[:1]), ('four', jax.devices())):
       mesh = parallel.make_mesh(devices)
-      model, tx, state, step = t._setup(config, mesh)
+      model, tx, state, step = t._setup(config, mesh, variables)
       losses = []
       t0 = time.time()
       for b in batches:

@@ -8,8 +8,9 @@ CONFIG = os.path.join(REPO, 'configs', 'tiny_test.py')
 
 
 def make_env(tmp_path_factory, name: str) -> dict:
-  """Builds `configs/tiny_test.py`'s synthetic set once; the subprocess
-  environment shares one compilation cache (same shapes, same layout)."""
+  """Builds `configs/tiny_test.py`'s synthetic set once. The subprocesses
+  use the run's compilation cache (tests/conftest.py): the e2e and fault
+  modules train the same tiny programs, often on different workers."""
   root = tmp_path_factory.mktemp(name)
   data_dir = root / 'data'
   sys.path.insert(0, REPO)
@@ -17,8 +18,8 @@ def make_env(tmp_path_factory, name: str) -> dict:
   from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   synthetic.build(str(data_dir), log=lambda *a: None,
                   **tiny_test.get_config().data.synthetic.to_dict())
-  cache = root / 'jax_cache'
-  environ = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache),
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or str(root / 'jax_cache')
+  environ = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return dict(root=root, data_dir=str(data_dir), environ=environ, runs={})
