@@ -10,7 +10,8 @@ CONFIG = os.path.join(REPO, 'configs', 'tiny_test.py')
 def make_env(tmp_path_factory, name: str) -> dict:
   """Builds `configs/tiny_test.py`'s synthetic set once. The subprocesses
   use the run's compilation cache (tests/conftest.py): the e2e and fault
-  modules train the same tiny programs, often on different workers."""
+  modules, often on different workers, share the programs they have in
+  common (initialization, evaluation step; their train steps differ)."""
   root = tmp_path_factory.mktemp(name)
   data_dir = root / 'data'
   sys.path.insert(0, REPO)
