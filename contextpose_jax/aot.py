@@ -13,7 +13,10 @@ compiles them for devices that need not be attached:
   XLA's GPU compiler runs without a GPU from a target description (an H100
   SXM here). Without a plugin the programs are only lowered to StableHLO, and
   the report says so: argument sizes and the unoptimized HLO's FLOPs, no
-  compiled memory figures.
+  compiled memory figures. XLA:GPU has no cost analysis of a compiled
+  program, so a GPU report's FLOPs and bytes are always the unoptimized
+  program's, and it gives no step time: unfused bytes would make a roofline
+  meaningless.
 
 Each program reports its per-device memory (arguments, outputs, temporaries,
 against the chip's HBM), XLA's cost analysis (FLOPs and bytes per step) and
@@ -381,8 +384,9 @@ class Estimate:
 
 
 def estimate(report: ProgramReport, target: Target, peak_fraction: float) -> Estimate | None:
-  """The roofline step time at ``peak_fraction`` of the chip's peaks."""
-  if target.chip is None or not report.flops:
+  """The roofline step time at ``peak_fraction`` of the chip's peaks (None for
+  GPUs: their costs are the unfused program's)."""
+  if target.chip is None or target.platform == "gpu" or not report.flops:
     return None
   compute = report.flops / (peak_fraction * target.chip.peak_flops)
   memory = (report.bytes_accessed or 0.0) / (peak_fraction * target.chip.hbm_bandwidth)
@@ -459,13 +463,16 @@ def format_table(data: dict) -> str:
         f"{_num(est and est['examples_per_second'], 1, 0):>9}"
         f"{_duration(est and est['epoch_seconds']):>8}"
         f"{_num(p['compiler_optimal_seconds'], 1e-3, 1):>8}{p['compile_seconds']:>10.1f}")
-  lines += [
-      "",
-      "Memory: GiB per device (arguments, outputs, temporaries; total less donated buffers).",
-      f"GFLOP/ex and GB/step: XLA's cost analysis; step ms / ex/s / epoch (Human3.6M, "
-      f"{H36M_TRAIN_FRAMES:,} frames): a roofline at {data['peak_fraction']:.0%} of the "
-      "chip's bf16 peak and HBM bandwidth; xla ms: the TPU compiler's own estimate.",
-  ]
+  lines += ["", "Memory: GiB per device (arguments, outputs, temporaries; total less "
+                "donated buffers)."]
+  if data["platform"] == "gpu":
+    lines.append("GFLOP/ex and GB/step: the program as JAX emitted it, before fusion (XLA:GPU "
+                 "has no cost analysis of a compiled program), so no step time.")
+  else:
+    lines.append(
+        f"GFLOP/ex and GB/step: XLA's cost analysis; step ms / ex/s / epoch (Human3.6M, "
+        f"{H36M_TRAIN_FRAMES:,} frames): a roofline at {data['peak_fraction']:.0%} of the "
+        "chip's bf16 peak and HBM bandwidth; xla ms: the TPU compiler's own estimate.")
   return "\n".join(lines)
 
 

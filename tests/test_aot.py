@@ -263,6 +263,7 @@ def test_cuda_without_a_plugin_is_lowered_and_says_so(capsys):
   out, err = capsys.readouterr()
   assert code == 0, err
   assert "lowered only (no CUDA plugin" in out and "2x H100" in out
+  assert "before fusion" in out and "roofline" not in out  # unfused bytes: no step time
   config = _config()
   report = aot.compile_programs(config, aot.resolve_target(platform="cuda", num_devices=2))
   train = report[0]
@@ -274,6 +275,7 @@ def test_cuda_without_a_plugin_is_lowered_and_says_so(capsys):
                                     flip_test=True).values())
   assert train.argument_bytes == state_bytes + batch_bytes // 2
   assert train.flops > 0 and train.temp_bytes is None
+  assert aot.estimate(train, aot.resolve_target(platform="cuda", num_devices=2), 0.5) is None
 
 
 def test_bad_targets_are_one_line(capsys):
