@@ -15,11 +15,12 @@ programs are lowered only) on this machine, with no accelerator attached.
 
 Prints one table: memory per device against the chip's HBM, FLOPs and bytes
 per step from XLA's cost analysis, the step time, examples/s and Human3.6M
-epoch time these imply at --peak_fraction of the chip's peak (TPUs: XLA:GPU has
-no cost analysis of a compiled program, so a GPU report has the unfused
-program's FLOPs and no step time), and the compile time. `--json` prints the same as JSON; `--hlo=DIR` writes each program's
-optimized HLO. A program that does not fit is one line `error: ...` and exit
-status 1; a bad command line, status 2.
+epoch time these imply at --peak_fraction of the chip's peak, and the compile
+time. For GPUs the FLOPs and bytes are the unfused program's (XLA:GPU has no
+cost analysis of a compiled program), and there is no step time. `--json`
+prints the same as JSON; `--hlo=DIR` writes each program's optimized HLO. A
+program that does not fit is one line `error: ...` and exit status 1; a bad
+command line, status 2.
 """
 from __future__ import annotations
 
